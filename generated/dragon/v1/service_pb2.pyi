@@ -795,22 +795,29 @@ class Rejection(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease the refused message named, if any."""
     reason: _types_pb2.RejectReason.ValueType
     """Why, machine-readable."""
     message: _builtins.str
     """Why, in words."""
+    status_code: _builtins.int
+    """The gRPC status code (google.rpc.Code numbering) the refusal corresponds to,
+    e.g. 3 INVALID_ARGUMENT for a malformed update, 9 FAILED_PRECONDITION for a
+    stale or foreign lease, 8 RESOURCE_EXHAUSTED for an update over the limit.
+    """
     def __init__(
         self,
         *,
         lease_id: _builtins.str = ...,
         reason: _types_pb2.RejectReason.ValueType = ...,
         message: _builtins.str = ...,
+        status_code: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "message", b"message", "reason", b"reason", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
