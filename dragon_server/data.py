@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -126,13 +126,52 @@ def _open_text(raw: IO[bytes], compression: str, stack: ExitStack) -> IO[str]:
         unzipped = cast("IO[bytes]", gzip.GzipFile(fileobj=raw, mode="rb"))
         raw = stack.enter_context(unzipped)
     elif compression == ".zst":
-        reader = zstandard.ZstdDecompressor().stream_reader(raw)
-        raw = stack.enter_context(io.BufferedReader(reader))
+        raw = stack.enter_context(io.BufferedReader(_ZstdReader(raw)))
     # Invalid UTF-8 is replaced rather than refused: one stray byte in a large
     # corpus should not stop ingestion.
     return stack.enter_context(
         io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
     )
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file of one or more frames; a cut-off frame is an error.
+
+    zstandard's own stream reader returns a truncated file's prefix silently.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._frame_started = False
+        self._out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._frame_started and not self._frame.eof:
+                    raise zstandard.ZstdError("the last frame is cut off")
+                return 0
+            self._feed(chunk)
+        size = min(len(buffer), len(self._out))
+        buffer[:size] = self._out[:size]
+        self._out = self._out[size:]
+        return size
+
+    def _feed(self, chunk: bytes) -> None:
+        while chunk:
+            self._frame_started = True
+            self._out += self._frame.decompress(chunk)
+            if not self._frame.eof:
+                return
+            chunk = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+            self._frame_started = False
 
 
 _READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, UnicodeError)
