@@ -20,16 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from forge.codec import SparseUpdate
 from torch import Tensor
 
 from dragon_server.errors import AggregationRefused
 from dragon_server.settings import RunConfig
+from forge.codec import SparseUpdate, accumulate
 
 Spec = Mapping[str, tuple[int, ...]]
 
@@ -66,8 +64,6 @@ def weighted_mean(updates: Sequence[WeightedUpdate], spec: Spec) -> dict[str, Te
     A tensor an update omits counts as zero for it. Refuses a round whose total
     weight is not positive, so a model never turns into NaN.
     """
-    from forge.codec import accumulate
-
     total = math.fsum(item.weight for item in updates)
     if any(item.weight < 0 for item in updates) or not math.isfinite(total):
         raise AggregationRefused("update weights must be finite and not negative")

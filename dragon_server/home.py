@@ -28,6 +28,7 @@ from dragon_server.run import UPDATES_DIR, validation_tokens
 from dragon_server.settings import CONFIG_FILE, RunConfig
 from dragon_server.store import DB_FILE, Store
 from forge.model import build_model, parameter_count
+from forge.train import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def init_home(
 def _build(
     home: Path, sources: Sequence[Path], config: RunConfig, progress: bool
 ) -> InitSummary:
-    from forge.train import evaluate
-
     python_only = not sources
     documents, rows = ingest(
         list(sources) or default_sources(),

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -66,12 +66,11 @@ from dragon_server.errors import (
 )
 from dragon_server.settings import RunConfig
 from dragon_server.store import Row, Store
-from forge import pow, safefile
+from forge import codec, pow, safefile
 from forge.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
+from forge.codec import SparseUpdate, decode_update, max_frame_bytes, spec_of
 from forge.config import ModelConfig
-
-if TYPE_CHECKING:
-    from forge.codec import SparseUpdate
+from forge.train import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +233,6 @@ class TrainingRun:
         self._draining = False
         self._aggregating = threading.Lock()
         self._keys: dict[bytes, str] = {}  # key hash -> worker id, once verified
-
-        from forge.codec import max_frame_bytes, spec_of
 
         latest = self.latest_version()
         tensors = load_checkpoint(latest.checkpoint_path).tensors
@@ -627,8 +624,6 @@ class TrainingRun:
             raise MalformedUpdate("counts and durations must not be negative")
 
     def _decode(self, frame: bytes) -> SparseUpdate:
-        from forge import codec
-
         try:
             return codec.decode_update(frame, self.spec, max_density=self.max_density)
         except codec.NonFiniteValue as exc:
@@ -822,8 +817,6 @@ class TrainingRun:
         self, pending: list[Row], latest: int
     ) -> tuple[list[tuple[Row, WeightedUpdate]], list[int]]:
         """Decode the pending frames and weigh them; ids of unreadable ones apart."""
-        from forge.codec import CodecError, decode_update
-
         samples_cap = self.config.local_steps * self.config.batch_size
         weighted: list[tuple[Row, WeightedUpdate]] = []
         unusable: list[int] = []
@@ -831,7 +824,7 @@ class TrainingRun:
             try:
                 frame = (self.home / row["path"]).read_bytes()
                 update = decode_update(frame, self.spec, max_density=self.max_density)
-            except (OSError, CodecError) as exc:
+            except (OSError, codec.CodecError) as exc:
                 # Frames were validated on arrival; one that fails now was damaged
                 # on disk and is set aside rather than blocking every round.
                 logger.error("update %d is unreadable, discarded: %s", row["id"], exc)
@@ -864,8 +857,6 @@ class TrainingRun:
         return tensors, optimizer.state_dict()
 
     def _validation_loss(self, tensors: Mapping[str, Tensor], version: int) -> float:
-        from forge.train import evaluate
-
         tokens = self.validation_tokens()
         if len(tokens) == 0:
             return math.nan
