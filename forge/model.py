@@ -179,31 +179,30 @@ class MixtureOfExperts(nn.Module):
     def _dispatch(
         self, flat: Tensor, expert: Tensor, gate: Tensor, keep: Tensor
     ) -> Tensor:
-        """Run each expert on the tokens it kept and add the gated results back.
+        """Run each expert on the tokens it kept and sum the gated results.
 
-        ``expert``, ``gate`` and ``keep`` are per assignment ``[N * k]``; one
-        gather, three matmuls and one ``index_add_`` per expert, no loop over
-        tokens.
+        ``expert``, ``gate`` and ``keep`` are per assignment slot ``[N * k]``
+        (slot ``t * k + j`` is token ``t``'s ``j``-th choice). The kept slots
+        are sorted by expert, so one gather feeds every expert a contiguous
+        slice and one ``index_copy`` puts the results back in slot order: no
+        loop over tokens, and few gather/scatter kernels, which scale badly
+        when several processes share the CPU cores.
         """
-        token = torch.arange(flat.shape[0], device=flat.device)
-        token = token.repeat_interleave(self.top_k)[keep]
-        expert, gate = expert[keep], gate[keep]
-        order = torch.argsort(expert, stable=True)
-        token, gate = token[order], gate[order].to(flat.dtype)
-        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        tokens, width = flat.shape
+        slots = keep.nonzero().squeeze(1)  # [M] kept slots
+        slots = slots[torch.argsort(expert[slots], stable=True)]
+        counts = torch.bincount(expert[slots], minlength=self.num_experts).tolist()
+        inputs = flat[slots // self.top_k]  # [M, D], grouped by expert
 
-        output = torch.zeros_like(flat)
-        start = 0
-        for index, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token[start : start + count]
-            hidden = flat.index_select(0, rows)  # [n, D]
-            hidden = F.silu(hidden @ self.w_gate[index]) * (hidden @ self.w_up[index])
-            result = (hidden @ self.w_down[index]) * gate[start : start + count, None]
-            output.index_add_(0, rows, result)
-            start += count
-        return output
+        results = []
+        for index, chunk in enumerate(inputs.split(counts)):
+            hidden = F.silu(chunk @ self.w_gate[index]) * (chunk @ self.w_up[index])
+            results.append(hidden @ self.w_down[index])
+        gated = torch.cat(results) * gate[slots, None].to(flat.dtype)  # [M, D]
+
+        per_slot = flat.new_zeros(tokens * self.top_k, width)
+        per_slot = per_slot.index_copy(0, slots, gated)
+        return per_slot.view(tokens, self.top_k, width).sum(dim=1)
 
 
 class Block(nn.Module):
