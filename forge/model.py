@@ -195,7 +195,7 @@ class MixtureOfExperts(nn.Module):
         inputs = flat[slots // self.top_k]  # [M, D], grouped by expert
 
         results = []
-        for index, chunk in enumerate(inputs.split(counts)):
+        for index, chunk in enumerate(torch.split(inputs, counts)):
             hidden = F.silu(chunk @ self.w_gate[index]) * (chunk @ self.w_up[index])
             results.append(hidden @ self.w_down[index])
         gated = torch.cat(results) * gate[slots, None].to(flat.dtype)  # [M, D]
