@@ -40,8 +40,6 @@ from dragon_server.servicers import (
     TrainingServicer,
     add_model_servicer,
 )
-from forge import codec
-from forge.model import empty_model
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +81,6 @@ class RunningServer:
     health: health_aio.HealthServicer
 
 
-def update_size_limit(run: TrainingRun) -> int:
-    """Largest update frame a session buffers: the config's, or the codec's bound."""
-    if run.config.max_update_bytes > 0:
-        return run.config.max_update_bytes
-    spec = codec.spec_of(empty_model(run.model_config, device="meta").state_dict())
-    limit: int = codec.max_frame_bytes(spec, run.config.density)
-    return limit
-
-
 async def start_dragon_server(run: TrainingRun, listen: str) -> RunningServer:
     """Build, bind and start the server; ``listen`` may name port 0."""
     server = grpc.aio.server(
@@ -99,8 +88,7 @@ async def start_dragon_server(run: TrainingRun, listen: str) -> RunningServer:
     )
     events = EventHub(asyncio.get_running_loop())
     run.add_listener(events.publish)
-    limit = await asyncio.to_thread(update_size_limit, run)
-    training = TrainingServicer(run, max_update_bytes=limit)
+    training = TrainingServicer(run, max_update_bytes=run.max_update_bytes)
 
     service_pb2_grpc.add_RegistrationServiceServicer_to_server(
         RegistrationServicer(run), server

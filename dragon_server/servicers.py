@@ -16,7 +16,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from dragon.v1 import service_pb2, service_pb2_grpc
@@ -167,10 +167,18 @@ def serialize_download(
     return message.SerializeToString()
 
 
+class VersionSource(Protocol):
+    """Where ModelService looks versions up: a ``TrainingRun`` in the server."""
+
+    def latest_version(self) -> VersionRecord: ...
+
+    def version(self, v: int) -> VersionRecord: ...
+
+
 class ModelServicer(service_pb2_grpc.ModelServiceServicer):
     """Version summaries and resumable checkpoint downloads."""
 
-    def __init__(self, run: TrainingRun) -> None:
+    def __init__(self, run: VersionSource) -> None:
         self._run = run
         self._files = CheckpointFiles()
 
