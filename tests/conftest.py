@@ -119,3 +119,23 @@ def make_update() -> MakeUpdate:
     through :func:`forge.codec.encode_update` at the run's density.
     """
     return _make_update
+
+
+# --- gRPC layer: an in-process server on port 0 ------------------------------
+
+
+@pytest.fixture
+def rpc_server(server_home: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+    """The real gRPC server for ``server_home`` on port 0; yields a ServerThread.
+
+    Parametrize it indirectly with a dict of config overrides to change the run.
+    """
+    from rpc_support import ServerThread
+
+    run = TrainingRun.open(server_home, getattr(request, "param", None))
+    server = ServerThread(run)
+    try:
+        yield server
+    finally:
+        server.stop()
+        run.close()
