@@ -29,7 +29,8 @@ bytes of small gaps; sign and exponent) side by side, which zstd compresses far
 better than the interleaved integers.
 
 Densities are taken at float32 precision, the precision of ``Recipe.density`` on
-the wire, so that the worker and the aggregator compute the same k from it.
+the wire, so that the worker and the aggregator compute the same k from it
+(:func:`max_entries`).
 
 Errors
 ------
@@ -192,10 +193,16 @@ def _density32(density: float) -> float:
 
 
 def max_entries(numel: int, density: float) -> int:
-    """k for a tensor of ``numel`` entries: ``max(1, ceil(density * numel))``."""
+    """k for a tensor of ``numel`` entries: ``max(1, ceil(density * numel))``.
+
+    The density is rounded to float32 first and the product shrunk by 2**-23, so
+    that 0.1 and float32(0.1) = 0.10000000149 both give 100 of 1000 entries (and
+    k is at most one less than the ceiling for k beyond about 5 million).
+    """
     if numel == 0:
         return 0
-    return min(numel, max(1, math.ceil(_density32(density) * numel)))
+    product = _density32(density) * numel * (1.0 - 2.0**-23)
+    return min(numel, max(1, math.ceil(product)))
 
 
 def _index_width(largest_delta: int) -> int:
