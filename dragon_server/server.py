@@ -225,6 +225,7 @@ async def serve(
     finished, _ = await asyncio.gather(
         maintenance.finish(grace), running.server.stop(grace)
     )
+    await running.training.wait_closed()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

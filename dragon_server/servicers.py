@@ -285,10 +285,16 @@ class TrainingServicer(service_pb2_grpc.TrainingServiceServicer):
         self._max_update_bytes = max_update_bytes
         self._retry_after = retry_after_seconds
         self._sessions: set[TrainingSession] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def session_count(self) -> int:
         return len(self._sessions)
+
+    async def wait_closed(self) -> None:
+        """Wait until every ended session has recorded its end."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def broadcast(self, response: service_pb2.SessionResponse) -> None:
         """Push one message to every open session."""
@@ -340,7 +346,12 @@ class TrainingServicer(service_pb2_grpc.TrainingServiceServicer):
         finally:
             self._sessions.discard(session)
             if session.state is not SessionState.CLOSED:
-                await asyncio.shield(session.close(reason))
+                # A task, so that a cancelled stream still records its end;
+                # ``wait_closed`` lets the server wait for it before it stops.
+                closing = asyncio.create_task(session.close(reason))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+                await asyncio.shield(closing)
 
 
 class StatusServicer(service_pb2_grpc.StatusServiceServicer):

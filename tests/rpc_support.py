@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import queue
 import secrets
 import sqlite3
@@ -49,6 +50,7 @@ class ServerThread:
 
     def stop(self) -> None:
         self.call(self.running.server.stop(None))
+        self.call(self.running.training.wait_closed())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
@@ -223,8 +225,10 @@ def crafted_frame(
     for name, (shape, indices, values) in entries.items():
         flat = np.asarray(indices, dtype=np.int64)
         gaps = np.diff(flat, prepend=0) if deltas else flat
-        width = 8
-        planes = gaps.astype("<i8").view(np.uint8).reshape(len(flat), width).T
+        # The widest deltas the codec allows for this tensor, as the encoder would.
+        numel = math.prod(shape)
+        width = next(w for w in (1, 2, 4, 8) if numel - 1 < 1 << (8 * w - 1))
+        planes = gaps.astype(f"<i{width}").view(np.uint8).reshape(len(flat), width).T
         tensors[f"indices/{name}"] = torch.from_numpy(planes.copy())
         halves = np.asarray(values, dtype="<f2").view(np.uint8).reshape(len(flat), 2)
         tensors[f"values/{name}"] = torch.from_numpy(halves.T.copy())
