@@ -803,8 +803,7 @@ class TrainingRun:
             written = write_version(
                 self.home, latest.version + 1, tensors, self.model_config, optimizer
             )
-            used = [row for row, _ in weighted]
-            record = self._publish(written, loss, used, unusable, started)
+            record = self._publish(written, loss, weighted, unusable, started)
         logger.info(
             "version %d published from %d updates, validation loss %.4f",
             record.version,
@@ -877,13 +876,14 @@ class TrainingRun:
         self,
         written: WrittenCheckpoint,
         loss: float,
-        used: list[Row],
+        weighted: list[tuple[Row, WeightedUpdate]],
         unusable: list[int],
         started: float,
     ) -> VersionRecord:
         """One transaction: the version row, updates applied, events."""
         version = int(written.path.stem[1:])
         events: list[EventRecord] = []
+        used = [row for row, _ in weighted]
         tokens = sum(int(row["tokens"]) for row in used)
         try:
             with self._store.write() as conn:
@@ -898,9 +898,9 @@ class TrainingRun:
                     token_count=tokens,
                 )
                 conn.executemany(
-                    "UPDATE updates SET state = 'applied', applied_version = ? "
-                    "WHERE id = ? AND state = 'pending'",
-                    [(version, row["id"]) for row in used],
+                    "UPDATE updates SET state = 'applied', applied_version = ?, "
+                    "weight = ? WHERE id = ? AND state = 'pending'",
+                    [(version, item.weight, row["id"]) for row, item in weighted],
                 )
                 conn.executemany(
                     "UPDATE updates SET state = 'discarded' WHERE id = ?",
