@@ -18,7 +18,7 @@ An update's weight is its sample count, times a staleness discount
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,28 +55,35 @@ def update_weight(samples: int, staleness: int, reputation: float) -> float:
 # A combiner maps the round's updates to one dense pseudo-gradient per tensor of
 # the spec. Robust rules (norm clipping, 3-sigma norm rejection, coordinate-wise
 # trimmed mean or median, Krum / Multi-Krum) plug in here with this signature.
-Combiner = Callable[[Sequence[WeightedUpdate], Spec], dict[str, Tensor]]
+Combiner = Callable[[Iterable[WeightedUpdate], Spec], dict[str, Tensor]]
 
 
-def weighted_mean(updates: Sequence[WeightedUpdate], spec: Spec) -> dict[str, Tensor]:
+def weighted_mean(updates: Iterable[WeightedUpdate], spec: Spec) -> dict[str, Tensor]:
     """The weighted mean of sparse updates as dense fp32 tensors.
 
-    A tensor an update omits counts as zero for it. Refuses a round whose total
-    weight is not positive, so a model never turns into NaN.
+    Streams: each update is added as it comes and can be dropped after, so a
+    round needs memory for one model, not for every update. A tensor an update
+    omits counts as zero for it. Refuses a round whose total weight is not
+    positive and finite, so a model never turns into NaN.
     """
-    total = math.fsum(item.weight for item in updates)
-    if any(item.weight < 0 for item in updates) or not math.isfinite(total):
-        raise AggregationRefused("update weights must be finite and not negative")
-    if total <= 0:
-        raise AggregationRefused(
-            f"the total weight of {len(updates)} updates is zero; nothing to apply"
-        )
     combined = {
         name: torch.zeros(shape, dtype=torch.float32) for name, shape in spec.items()
     }
+    total = 0.0
+    count = 0
     for item in updates:
+        count += 1
+        if item.weight < 0 or not math.isfinite(item.weight):
+            raise AggregationRefused(f"update weight {item.weight} is not usable")
         if item.weight > 0:
-            accumulate(item.update, combined, item.weight / total)
+            accumulate(item.update, combined, item.weight)
+            total += item.weight
+    if not total > 0 or not math.isfinite(total):
+        raise AggregationRefused(
+            f"the total weight of {count} updates is {total}; nothing to apply"
+        )
+    for tensor in combined.values():
+        tensor.div_(total)
     return combined
 
 

@@ -17,7 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -791,9 +791,11 @@ class TrainingRun:
             if not pending:
                 return None
             latest = self.latest_version()
-            weighted, unusable = self._load_round(pending, latest.version)
+            used: list[tuple[Row, float]] = []
+            unusable: list[int] = []
+            updates = self._round(pending, latest.version, used, unusable)
             try:
-                combined = weighted_mean([item for _, item in weighted], self.spec)
+                combined = weighted_mean(updates, self.spec)
             except AggregationRefused as exc:
                 logger.warning("aggregation refused, updates discarded: %s", exc)
                 self._discard([row["id"] for row in pending])
@@ -803,7 +805,7 @@ class TrainingRun:
             written = write_version(
                 self.home, latest.version + 1, tensors, self.model_config, optimizer
             )
-            record = self._publish(written, loss, weighted, unusable, started)
+            record = self._publish(written, loss, used, unusable, started)
         logger.info(
             "version %d published from %d updates, validation loss %.4f",
             record.version,
@@ -812,13 +814,19 @@ class TrainingRun:
         )
         return record
 
-    def _load_round(
-        self, pending: list[Row], latest: int
-    ) -> tuple[list[tuple[Row, WeightedUpdate]], list[int]]:
-        """Decode the pending frames and weigh them; ids of unreadable ones apart."""
+    def _round(
+        self,
+        pending: list[Row],
+        latest: int,
+        used: list[tuple[Row, float]],
+        unusable: list[int],
+    ) -> Iterator[WeightedUpdate]:
+        """Decode and weigh the pending frames one at a time.
+
+        Appends each update's row and weight to ``used``, and the ids of frames
+        that no longer decode to ``unusable``.
+        """
         samples_cap = self.config.local_steps * self.config.batch_size
-        weighted: list[tuple[Row, WeightedUpdate]] = []
-        unusable: list[int] = []
         for row in pending:
             try:
                 frame = (self.home / row["path"]).read_bytes()
@@ -834,8 +842,8 @@ class TrainingRun:
             weight = update_weight(
                 samples, latest - row["base_version"], row["reputation"]
             )
-            weighted.append((row, WeightedUpdate(update, weight)))
-        return weighted, unusable
+            used.append((row, weight))
+            yield WeightedUpdate(update, weight)
 
     def _step(
         self, latest: VersionRecord, combined: Mapping[str, Tensor]
@@ -876,15 +884,14 @@ class TrainingRun:
         self,
         written: WrittenCheckpoint,
         loss: float,
-        weighted: list[tuple[Row, WeightedUpdate]],
+        used: list[tuple[Row, float]],
         unusable: list[int],
         started: float,
     ) -> VersionRecord:
         """One transaction: the version row, updates applied, events."""
         version = int(written.path.stem[1:])
         events: list[EventRecord] = []
-        used = [row for row, _ in weighted]
-        tokens = sum(int(row["tokens"]) for row in used)
+        tokens = sum(int(row["tokens"]) for row, _ in used)
         try:
             with self._store.write() as conn:
                 record_version(
@@ -900,7 +907,7 @@ class TrainingRun:
                 conn.executemany(
                     "UPDATE updates SET state = 'applied', applied_version = ?, "
                     "weight = ? WHERE id = ? AND state = 'pending'",
-                    [(version, item.weight, row["id"]) for row, item in weighted],
+                    [(version, weight, row["id"]) for row, weight in used],
                 )
                 conn.executemany(
                     "UPDATE updates SET state = 'discarded' WHERE id = ?",
