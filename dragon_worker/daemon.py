@@ -34,7 +34,6 @@ import grpc
 import numpy as np
 import torch
 from dragon.v1 import service_pb2, types_pb2
-from forge.train import TrainingStopped, TrainRecipe, TrainResult, train_lease
 from google.protobuf import duration_pb2
 
 from dragon_worker import __version__
@@ -54,6 +53,7 @@ from dragon_worker.state import Activity, WorkerState
 from forge import codec
 from forge.checkpoint import load_checkpoint, model_from_checkpoint
 from forge.model import HRMSMoE
+from forge.train import TrainingStopped, TrainRecipe, TrainResult, train_lease
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ class InvalidLeaseError(ValueError):
 
 class LeaseLostError(Exception):
     """The server no longer holds the lease for this worker (expired, unknown)."""
+
+
+class TrainingFailedError(Exception):
+    """Local training of a lease raised; the lease goes back to the server."""
 
 
 class ServerDrainingError(Exception):
@@ -157,7 +161,7 @@ def _seconds(duration: duration_pb2.Duration, default: float) -> float:
     return value if value > 0 else default
 
 
-class _TrainingJob:
+class TrainingJob:
     """``train_lease`` in a thread, with its progress readable from another."""
 
     def __init__(
@@ -234,7 +238,7 @@ class Worker:
         self._held_version: int | None = None
         self._latest_version: int | None = None
         self._drain_deadline: float | None = None
-        self._job: _TrainingJob | None = None
+        self._job: TrainingJob | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -533,6 +537,11 @@ class Worker:
             logger.warning("lease %s lost while training: %s", lease_id, exc)
             self.state.update(last_error=str(exc))
             return LeaseOutcome(lease_id, False, str(exc))
+        except TrainingFailedError as exc:
+            logger.error("training lease %s failed: %s", lease_id, exc, exc_info=exc)
+            return self._release(
+                session, lease_id, service_pb2.RELEASE_REASON_FAILED, str(exc)
+            )
         if result is None:
             return self._release(
                 session,
@@ -565,7 +574,7 @@ class Worker:
         recipe: TrainRecipe,
     ) -> TrainResult | None:
         """Train in a thread while heartbeats go out; None when stopped early."""
-        job = _TrainingJob(model, tokens, recipe, self._device)
+        job = TrainingJob(model, tokens, recipe, self._device)
         self._job = job
         interval = _seconds(lease.heartbeat_interval, DEFAULT_HEARTBEAT_SECONDS)
         next_heartbeat = time.monotonic() + interval
@@ -593,7 +602,9 @@ class Worker:
         if isinstance(job.error, TrainingStopped):
             return None
         if job.error is not None:
-            raise job.error
+            raise TrainingFailedError(
+                f"{type(job.error).__name__}: {job.error}"
+            ) from job.error
         assert job.result is not None
         return job.result
 
@@ -603,7 +614,7 @@ class Worker:
         )
 
     def _on_message_while_training(
-        self, message: service_pb2.SessionResponse, lease_id: str, job: _TrainingJob
+        self, message: service_pb2.SessionResponse, lease_id: str, job: TrainingJob
     ) -> None:
         kind = message.WhichOneof("kind")
         if kind == "rejection" and message.rejection.lease_id in ("", lease_id):

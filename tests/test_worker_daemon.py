@@ -1,0 +1,312 @@
+"""The worker daemon against the real server over loopback gRPC.
+
+The server runs in this process (``start_server`` on port 0, its event loop in a
+thread, a tiny model on a small corpus); the worker is a real ``dragon-worker
+run`` process, since its exit codes and signal handling are the subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dragon_server.run import TrainingRun
+from dragon_server.server import start_server
+from dragon_worker.client import ServerClient
+from dragon_worker.state import PROGRESS_FILE, WorkerState, read_progress
+from forge import safefile
+
+WORKER_TIMEOUT_SECONDS = 120
+# Local steps of a lease long enough to signal the worker in the middle of it.
+SLOW_LEASE_STEPS = 60
+# The console script installed next to this interpreter, as a volunteer runs it.
+WORKER_SCRIPT = Path(sys.executable).with_name("dragon-worker")
+
+# Heartbeats every half second, so a lease's progress shows while it trains.
+SERVER_OVERRIDES: dict[str, object] = {"heartbeat_seconds": 0.5}
+
+
+class InProcessServer:
+    """A real DRAGON server on 127.0.0.1:<port>, its event loop in a thread."""
+
+    def __init__(self, home: Path, overrides: Mapping[str, object]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run = TrainingRun.open(home, dict(overrides))
+        started = asyncio.run_coroutine_threadsafe(
+            start_server(self.run, "127.0.0.1:0"), self.loop
+        )
+        self.server, self.port = started.result(timeout=60)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+        self.loop.close()
+        self.run.close()
+
+
+def _serve(home: Path, overrides: Mapping[str, object]) -> Iterator[InProcessServer]:
+    """Serve a fresh copy of the shared tiny home (conftest's ``server_home``)."""
+    server = InProcessServer(home, {**SERVER_OVERRIDES, **overrides})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_home: Path) -> Iterator[InProcessServer]:
+    yield from _serve(server_home, {})
+
+
+@pytest.fixture
+def slow_server(server_home: Path) -> Iterator[InProcessServer]:
+    """Leases long enough (many local steps) to signal a worker mid-training."""
+    yield from _serve(server_home, {"local_steps": SLOW_LEASE_STEPS})
+
+
+def worker_command(address: str, state_dir: Path, *extra: str) -> list[str]:
+    return [
+        str(WORKER_SCRIPT),
+        "run",
+        "--server",
+        address,
+        "--state-dir",
+        str(state_dir),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def run_worker(
+    address: str, state_dir: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        worker_command(address, state_dir, *extra),
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT_SECONDS,
+        env=_worker_env(),
+        check=False,
+    )
+
+
+def _worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_WORKER_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def wait_for_progress(
+    state_dir: Path, predicate: object, timeout: float = 60.0
+) -> dict[str, object]:
+    assert callable(predicate)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        path = state_dir / PROGRESS_FILE
+        if path.exists():
+            values: dict[str, object] = json.loads(path.read_text())
+            if predicate(values):
+                return values
+        time.sleep(0.05)
+    raise AssertionError(f"progress never matched; last: {path.read_text()}")
+
+
+def test_one_lease_resumes_the_download_trains_and_is_accepted(
+    server: InProcessServer, tmp_path: Path
+) -> None:
+    latest = server.run.latest_version()
+    whole = latest.checkpoint_path.read_bytes()
+    cut = len(whole) // 3
+    state = WorkerState(tmp_path / "worker")
+    # A download cut after `cut` bytes, as a killed worker leaves it.
+    state.part_path(0).write_bytes(whole[:cut])
+
+    done = run_worker(server.address, state.root, "--max-leases", "1")
+
+    assert done.returncode == 0, done.stderr
+    progress = read_progress(state.root)
+    assert progress is not None
+    assert progress.state == "stopped"
+    # Only the rest of the file crossed the wire, and the whole file verifies.
+    assert progress.bytes_down == len(whole) - cut
+    held = state.checkpoint_path(0).read_bytes()
+    assert hashlib.sha256(held).digest() == latest.sha256
+    assert held == whole
+    assert not state.part_path(0).exists()
+
+    assert progress.leases_done == 1
+    # 2 local steps x 4 sequences x 32 tokens.
+    assert progress.tokens == 2 * 4 * 32
+    assert progress.model_version == 0
+    assert progress.bytes_up > 0
+    stats = server.run.network_stats()
+    assert stats.worker_count == 1
+    assert stats.accepted_update_count == 1
+    assert stats.uploaded_bytes == progress.bytes_up
+    worker = server.run.worker_stats(progress.worker_id)
+    assert worker.accepted_update_count == 1
+    assert worker.token_count == progress.tokens
+
+    residual = state.load_residual()
+    assert residual is not None
+    assert residual.server == server.address
+    assert residual.model_version == 0
+    assert residual.tensors.keys() == server.run.spec.keys()
+
+
+def test_download_with_a_corrupt_prefix_is_refused_and_discarded(
+    server: InProcessServer, tmp_path: Path
+) -> None:
+    latest = server.run.latest_version()
+    whole = latest.checkpoint_path.read_bytes()
+    state = WorkerState(tmp_path / "worker")
+    state.part_path(0).write_bytes(b"\x00" * 100)
+    key = state.api_key()
+
+    with ServerClient(server.address, key) as client:
+        client.register("corrupt-prefix")
+        from dragon_worker.client import DownloadError
+
+        with pytest.raises(DownloadError, match="digest"):
+            client.download_checkpoint(0, state.checkpoint_path(0), state.part_path(0))
+        assert not state.part_path(0).exists()
+        assert not state.checkpoint_path(0).exists()
+
+        again = client.download_checkpoint(
+            0, state.checkpoint_path(0), state.part_path(0)
+        )
+    assert again.received_bytes == len(whole)
+    assert state.checkpoint_path(0).read_bytes() == whole
+
+
+def test_a_bad_key_is_unauthenticated(server: InProcessServer, tmp_path: Path) -> None:
+    from dragon_worker.client import AuthenticationError
+
+    with (
+        ServerClient(server.address, "0" * 64) as client,
+        pytest.raises(AuthenticationError, match="UNAUTHENTICATED") as caught,
+    ):
+        client.latest_version()
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+
+def test_sigterm_during_training_uploads_then_exits_zero(
+    slow_server: InProcessServer, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "worker"
+    proc = subprocess.Popen(
+        worker_command(slow_server.address, state_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_worker_env(),
+    )
+    try:
+        seen = wait_for_progress(
+            state_dir,
+            lambda p: p["state"] == "training" and int(p["steps_done"]) >= 1,
+        )
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=WORKER_TIMEOUT_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    progress = read_progress(state_dir)
+    assert progress is not None
+    assert progress.state == "stopped"
+    assert progress.leases_done == 1
+    assert progress.tokens == SLOW_LEASE_STEPS * 4 * 32
+    assert (
+        int(str(seen["steps_done"])) < SLOW_LEASE_STEPS
+    )  # the signal came mid-training
+    assert slow_server.run.network_stats().accepted_update_count == 1
+
+
+def test_second_signal_gives_the_lease_back_and_exits_at_once(
+    slow_server: InProcessServer, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "worker"
+    proc = subprocess.Popen(
+        worker_command(slow_server.address, state_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_worker_env(),
+    )
+    try:
+        wait_for_progress(
+            state_dir,
+            lambda p: p["state"] == "training" and int(p["steps_done"]) >= 1,
+        )
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    assert took < 10.0
+    progress = read_progress(state_dir)
+    assert progress is not None
+    assert progress.leases_done == 0
+    assert "RELEASE_REASON_SHUTDOWN" in stderr
+    stats = slow_server.run.network_stats()
+    assert stats.accepted_update_count == 0
+
+
+def test_restart_keeps_key_residual_and_counters(
+    server: InProcessServer, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "worker"
+    first = run_worker(server.address, state_dir, "--max-leases", "1")
+    assert first.returncode == 0, first.stderr
+    key = (state_dir / "api_key").read_text()
+    after_first = read_progress(state_dir)
+    residual_first = safefile.load_file(state_dir / "residual.safetensors")[0]
+    assert after_first is not None
+
+    second = run_worker(server.address, state_dir, "--max-leases", "1")
+
+    assert second.returncode == 0, second.stderr
+    assert (state_dir / "api_key").read_text() == key
+    after_second = read_progress(state_dir)
+    assert after_second is not None
+    assert after_second.worker_id == after_first.worker_id
+    assert after_second.leases_done == 2
+    assert after_second.tokens == 2 * after_first.tokens
+    # The checkpoint was cached: nothing more was downloaded.
+    assert after_second.bytes_down == after_first.bytes_down
+    residual_second = safefile.load_file(state_dir / "residual.safetensors")[0]
+    assert residual_second.keys() == residual_first.keys()
+    assert any(
+        not bool((residual_second[n] == residual_first[n]).all())
+        for n in residual_first
+    )
+    stats = server.run.network_stats()
+    assert stats.worker_count == 1
+    assert stats.accepted_update_count == 2
