@@ -628,3 +628,49 @@ def test_stats_and_the_leaderboard_come_from_the_database(
     assert [w.worker_name for w in board] == ["bob", "alice"]
     assert [w.accepted_update_count for w in board] == [2, 1]
     assert training_run.leaderboard(1)[0].worker_id == bob
+
+
+# --- the run's config --------------------------------------------------------
+
+
+def test_the_config_round_trips_through_toml(tmp_path: Path) -> None:
+    config = RunConfig(model="small", density=0.002, listen="0.0.0.0:7000")
+    config.save(tmp_path)
+
+    text = (tmp_path / "dragon.toml").read_text()
+    assert 'model = "small"\n' in text
+    assert "density = 0.002\n" in text
+    assert RunConfig.load(tmp_path) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"density": 0}, "density must be in"),
+        ({"density": "lots"}, "density must be a float"),
+        ({"optimizer": "sgd"}, "optimizer must be one of"),
+        ({"min_updates": 0}, "min_updates must be at least 1"),
+        ({"micro_batch_size": 16}, "micro_batch_size must not exceed batch_size"),
+        ({"sequence_length": 4096}, "exceeds the 'tiny' model's max_seq_len"),
+        ({"model": "huge"}, "unknown model size"),
+        ({"seed": 1.5}, "seed must be a int"),
+        ({"lease_seconds": -1.0}, "lease_seconds must be positive"),
+    ],
+    ids=lambda value: str(value) if isinstance(value, dict) else "",
+)
+def test_bad_config_values_name_their_field(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigInvalid, match=message):
+        RunConfig().replace(**overrides)
+
+
+def test_a_hand_edited_config_with_a_typo_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "dragon.toml").write_text('model = "tiny"\ndensty = 0.1\n')
+    with pytest.raises(ConfigInvalid, match="unknown config field 'densty'"):
+        RunConfig.load(tmp_path)
+    (tmp_path / "dragon.toml").write_text("model = \n")
+    with pytest.raises(ConfigInvalid, match=r"dragon\.toml"):
+        RunConfig.load(tmp_path)
+    with pytest.raises(ConfigInvalid, match="dragon-server init"):
+        RunConfig.load(tmp_path / "nowhere")
