@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,8 @@ from forge.checkpoint import (
 )
 from forge.config import named_config
 from forge.model import HRMSMoE, build_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = named_config("tiny")
 
@@ -275,7 +278,11 @@ def test_failed_write_keeps_the_previous_file(model: HRMSMoE, tmp_path: Path) ->
         """
     )
     child = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
     assert child.returncode == 0, child.stderr

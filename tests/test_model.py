@@ -20,6 +20,8 @@ from forge.model import (
     state_layout,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = named_config("tiny")
 
 
