@@ -210,12 +210,15 @@ def _base_type(annotation: object) -> type:
     return {"int": int, "float": float, "bool": bool}[text]
 
 
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _check_type(name: str, annotation: object, value: object) -> None:
     expected = _base_type(annotation)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return
     if type(value) is not expected:
-        raise ConfigInvalid(f"{name} must be a {expected.__name__}, not {value!r}")
+        raise ConfigInvalid(f"{name} must be {_WORDS[expected]}, not {value!r}")
     if expected is float and not math.isfinite(cast(float, value)):
         raise ConfigInvalid(f"{name} must be finite")
 
@@ -234,7 +237,7 @@ def _coerce(name: str, annotation: object, value: object) -> object:
         return expected(value)
     except ValueError:
         raise ConfigInvalid(
-            f"{name} must be a {expected.__name__}, not {value!r}"
+            f"{name} must be {_WORDS[expected]}, not {value!r}"
         ) from None
 
 
