@@ -22,6 +22,7 @@ from dragon_server import __version__
 from dragon_server.errors import DragonError
 from dragon_server.run import TrainingRun, VersionRecord
 from dragon_server.settings import CONFIG_FILE, RunConfig
+from dragon_server.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,7 +79,10 @@ def opened_run(home: Path) -> Iterator[TrainingRun]:
             f"{home} is not a server home: run `dragon-server init --home {home}` first"
         )
     try:
-        run = TrainingRun.open(home)
+        # Not TrainingRun.open: its crash recovery deletes files that no row
+        # names yet, which is exactly what a running server is in the middle of
+        # writing. Reading needs no recovery.
+        run = TrainingRun(home, RunConfig.load(home), Store.open(home))
     except DragonError as exc:
         raise click.ClickException(str(exc)) from exc
     try:
@@ -311,4 +315,6 @@ def stats(home: Path, as_json: bool, top: int) -> None:
     console.print(board_table)
 
 
-# demo command: registered by dragon_server/demo.py
+from dragon_server.demo import demo  # noqa: E402 (the group must exist first)
+
+main.add_command(demo)
