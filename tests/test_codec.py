@@ -177,6 +177,42 @@ def test_zero_entries_are_never_sent() -> None:
     assert torch.equal(encoded.residual["zeros"], torch.zeros(50))
 
 
+def test_inputs_of_any_float_dtype_and_layout_are_read_as_fp32() -> None:
+    base = _randn(30, 20)
+    update = {
+        "strided": base.t(),  # not contiguous
+        "half": base[:5].to(torch.bfloat16),
+        "param": base[5:10].clone().requires_grad_(True),
+    }
+    encoded = codec.encode_update(update, None, 1.0, "fp32")
+    decoded = codec.decode_update(encoded.frame, codec.spec_of(update))
+
+    for name, tensor in update.items():
+        dense = torch.zeros(tensor.shape)
+        codec.accumulate(
+            codec.SparseUpdate({name: decoded.tensors[name]}), {name: dense}
+        )
+        assert torch.equal(dense, tensor.detach().float())
+        assert encoded.residual[name].dtype == torch.float32
+        assert not bool(encoded.residual[name].any())
+    assert bool((update["param"] == base[5:10]).all())  # inputs are left alone
+
+
+def test_an_empty_update_is_a_valid_frame() -> None:
+    encoded = codec.encode_update({}, None, 0.1)
+    assert encoded.entry_count == 0
+    assert encoded.dense_bytes == 0
+    decoded = codec.decode_update(bytearray(encoded.frame), SPEC)
+    assert decoded.tensors == {}
+    assert decoded.entry_count() == 0
+
+
+def test_decode_accepts_any_buffer() -> None:
+    frame = codec.encode_update(_update(), None, 0.1).frame
+    for buffer in (frame, bytearray(frame), memoryview(frame)):
+        assert _decode(buffer).entry_count() == 101
+
+
 # --- error feedback -------------------------------------------------------------
 
 
@@ -387,7 +423,9 @@ def test_frames_fit_their_bounds_even_for_odd_names(
 # --- malformed frames -------------------------------------------------------------
 
 
-def _decode(frame: bytes, max_density: float = 1.0) -> codec.SparseUpdate:
+def _decode(
+    frame: bytes | bytearray | memoryview, max_density: float = 1.0
+) -> codec.SparseUpdate:
     return codec.decode_update(frame, SPEC, max_density=max_density)
 
 
@@ -696,6 +734,46 @@ def test_a_lying_content_size_allocates_only_what_it_declares() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 64 << 10
+
+
+def _reencoded(frame: bytes, position: int, value: int) -> bytes:
+    content = bytearray(zstandard.ZstdDecompressor().decompress(frame))
+    content[position % len(content)] = value
+    return _compress(bytes(content))
+
+
+_VALID = codec.encode_update(
+    {"w": _randn(40, 25), "b": _randn(10)}, None, 0.05, "bf16"
+).frame
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 64),
+)
+def test_corrupted_content_is_rejected_or_valid(
+    edits: list[tuple[int, int]], cut: int
+) -> None:
+    # Whatever the bytes inside the frame say, decode raises a CodecError or
+    # returns an update that keeps every promise; nothing else escapes.
+    frame = _VALID
+    for position, value in edits:
+        frame = _reencoded(frame, position, value)
+    if cut:
+        content = zstandard.ZstdDecompressor().decompress(frame)
+        frame = _compress(content[: max(0, len(content) - cut)])
+    try:
+        decoded = _decode(frame, 0.05)
+    except codec.CodecError:
+        return
+    for name, sparse in decoded.tensors.items():
+        numel = math.prod(SPEC[name])
+        assert sparse.shape == SPEC[name]
+        assert sparse.indices.numel() <= codec.max_entries(numel, 0.05)
+        assert bool((sparse.indices[1:] > sparse.indices[:-1]).all())
+        assert bool(((sparse.indices >= 0) & (sparse.indices < numel)).all())
+        assert bool(torch.isfinite(sparse.values).all())
 
 
 # --- accumulate -------------------------------------------------------------------
