@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,13 @@ class ModelConfig:
         for name in (*positive, "max_seq_len", "expert_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        if self.capacity_factor <= 0:
-            raise ConfigError("capacity_factor must be positive")
+        # "not x > 0" rather than "x <= 0" so that NaN is refused too.
+        if not 0 < self.capacity_factor < math.inf:
+            raise ConfigError("capacity_factor must be positive and finite")
+        if not 0 < self.rope_base < math.inf:
+            raise ConfigError("rope_base must be positive and finite")
+        if not 0 <= self.aux_loss_coef < math.inf:
+            raise ConfigError("aux_loss_coef must be non-negative and finite")
 
     def _check_types(self) -> None:
         # Annotations are strings here (postponed evaluation); a config read from

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from forge.config import ModelConfig, named_config
+from forge.config import ConfigError, ModelConfig, named_config
 from forge.model import (
     HRMSMoE,
     MixtureOfExperts,
@@ -213,3 +213,35 @@ def test_sequence_longer_than_max_seq_len_is_refused() -> None:
     config = ModelConfig(max_seq_len=16)
     with pytest.raises(SequenceLengthError, match="max_seq_len 16"):
         build_model(config)(random_tokens(1, 17))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "125m"])
+def test_config_json_round_trip(name: str) -> None:
+    config = named_config(name)
+    assert ModelConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"n_heads": 3}, "d_model / n_heads"),
+        ({"top_k": 9}, "top_k"),
+        ({"h_layers": 0}, "h_layers"),
+        ({"d_model": 64.0}, "d_model must be int"),
+        ({"tie_embeddings": 1}, "tie_embeddings must be bool"),
+        ({"capacity_factor": math.nan}, "capacity_factor"),
+        ({"aux_loss_coef": -0.1}, "aux_loss_coef"),
+        ({"rope_base": math.inf}, "rope_base"),
+    ],
+    ids=lambda value: str(value) if isinstance(value, dict) else "",
+)
+def test_invalid_configs_are_refused(fields: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_unknown_size_and_bad_json_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown model size"):
+        named_config("huge")
+    with pytest.raises(ConfigError, match="bad model config"):
+        ModelConfig.from_json('{"d_model": 64, "colour": "red"}')
