@@ -80,12 +80,6 @@ class RegistrationServicer(service_pb2_grpc.RegistrationServiceServicer):
             )
         except DragonError as exc:
             await rpc_errors.abort(context, exc)
-        if not registration.already_registered:
-            logger.info(
-                "worker %s registered as %r",
-                registration.worker_id,
-                request.worker_name,
-            )
         return service_pb2.RegisterResponse(
             worker_id=registration.worker_id,
             already_registered=registration.already_registered,

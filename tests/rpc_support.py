@@ -10,10 +10,17 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import queue
+import re
 import secrets
+import select
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +30,7 @@ import numpy as np
 import torch
 import zstandard
 from dragon.v1 import service_pb2, service_pb2_grpc, types_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dragon_server.run import TrainingRun
 from dragon_server.server import MAX_MESSAGE_BYTES, RunningServer, start_dragon_server
@@ -269,3 +277,79 @@ def download(
         metadata=bearer(api_key),
         timeout=RPC_TIMEOUT,
     )
+
+
+def program(name: str) -> str:
+    """The console script ``name`` installed next to this interpreter."""
+    path = Path(sys.executable).parent / name
+    assert path.exists(), f"{name} is not installed in {path.parent}"
+    return str(path)
+
+
+class ServeProcess:
+    """A real ``dragon-server serve`` process on a free port, its log in a file."""
+
+    def __init__(
+        self,
+        home: Path,
+        *settings: str,
+        env: Mapping[str, str] | None = None,
+        log_level: str = "INFO",
+    ) -> None:
+        self.home = home
+        self.log_path = home.parent / f"serve-{time.monotonic_ns()}.log"
+        args = [program("dragon-server"), "serve", "--home", str(home)]
+        args += ["--listen", "127.0.0.1:0", "--log-level", log_level]
+        for setting in settings:
+            args += ["--set", setting]
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, **(env or {})},
+        )
+        self.port = self._read_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.wait_healthy()
+
+    def _read_port(self) -> int:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 60)
+        line = self.process.stdout.readline().decode() if ready else ""
+        match = re.search(r"listening on port (\d+)", line)
+        assert match, f"no port announced: {line!r}\n{self.log()}"
+        return int(match.group(1))
+
+    def wait_healthy(self, seconds: float = 30.0) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            response = stub.Check(health_pb2.HealthCheckRequest(), timeout=seconds)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.wait(30)
+
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        self._log.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.kill()
