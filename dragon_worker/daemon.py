@@ -668,7 +668,7 @@ class Worker:
         self.state.update(current_lease_id="", last_error=message)
         return LeaseOutcome(lease_id, False, message)
 
-    def _residual_for(
+    def residual_for(
         self, update: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor] | None:
         """The saved residual when it fits this update's tensors and server."""
@@ -696,7 +696,7 @@ class Worker:
         value_dtype = _VALUE_DTYPES.get(lease.recipe.value_dtype, "fp16")
         encoded = codec.encode_update(
             result.pseudo_gradient,
-            self._residual_for(result.pseudo_gradient),
+            self.residual_for(result.pseudo_gradient),
             density,
             value_dtype,
         )

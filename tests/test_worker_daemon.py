@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,10 +22,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from dragon_server.run import TrainingRun
 from dragon_server.server import start_server
 from dragon_worker.client import ServerClient
+from dragon_worker.config import WorkerConfig
+from dragon_worker.daemon import Worker
 from dragon_worker.state import PROGRESS_FILE, WorkerState, read_progress
 from forge import safefile
 
@@ -41,13 +45,15 @@ SERVER_OVERRIDES: dict[str, object] = {"heartbeat_seconds": 0.5}
 class InProcessServer:
     """A real DRAGON server on 127.0.0.1:<port>, its event loop in a thread."""
 
-    def __init__(self, home: Path, overrides: Mapping[str, object]) -> None:
+    def __init__(
+        self, home: Path, overrides: Mapping[str, object], listen: str = "127.0.0.1:0"
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.run = TrainingRun.open(home, dict(overrides))
         started = asyncio.run_coroutine_threadsafe(
-            start_server(self.run, "127.0.0.1:0"), self.loop
+            start_server(self.run, listen), self.loop
         )
         self.server, self.port = started.result(timeout=60)
         self.address = f"127.0.0.1:{self.port}"
@@ -279,7 +285,7 @@ def test_second_signal_gives_the_lease_back_and_exits_at_once(
     assert stats.accepted_update_count == 0
 
 
-def test_restart_keeps_key_residual_and_counters(
+def test_restart_keeps_key_residual_and_counters_and_fetches_a_new_version(
     server: InProcessServer, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "worker"
@@ -289,6 +295,10 @@ def test_restart_keeps_key_residual_and_counters(
     after_first = read_progress(state_dir)
     residual_first = safefile.load_file(state_dir / "residual.safetensors")[0]
     assert after_first is not None
+    # The update is combined into version 1 while the worker is away.
+    published = server.run.aggregate()
+    assert published is not None
+    assert published.version == 1
 
     second = run_worker(server.address, state_dir, "--max-leases", "1")
 
@@ -299,14 +309,76 @@ def test_restart_keeps_key_residual_and_counters(
     assert after_second.worker_id == after_first.worker_id
     assert after_second.leases_done == 2
     assert after_second.tokens == 2 * after_first.tokens
-    # The checkpoint was cached: nothing more was downloaded.
-    assert after_second.bytes_down == after_first.bytes_down
-    residual_second = safefile.load_file(state_dir / "residual.safetensors")[0]
-    assert residual_second.keys() == residual_first.keys()
+    assert after_second.bytes_up > after_first.bytes_up
+    # Version 1 was fetched whole and version 0 dropped from the cache.
+    assert after_second.model_version == 1
+    assert after_second.bytes_down == after_first.bytes_down + published.size_bytes
+    assert WorkerState(state_dir).cached_versions() == [1]
+    residual = WorkerState(state_dir).load_residual()
+    assert residual is not None
+    assert residual.model_version == 1
+    assert residual.tensors.keys() == residual_first.keys()
     assert any(
-        not bool((residual_second[n] == residual_first[n]).all())
-        for n in residual_first
+        not torch.equal(residual.tensors[name], residual_first[name])
+        for name in residual_first
     )
     stats = server.run.network_stats()
     assert stats.worker_count == 1
     assert stats.accepted_update_count == 2
+
+
+def test_worker_waits_for_a_server_that_is_not_up_yet(
+    server_home: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a free port, closed again at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    state_dir = tmp_path / "worker"
+    env = {**_worker_env(), "DRAGON_WORKER_BACKOFF_INITIAL_SECONDS": "0.2"}
+    env["DRAGON_WORKER_BACKOFF_MAX_SECONDS"] = "1"
+    proc = subprocess.Popen(
+        worker_command(f"127.0.0.1:{port}", state_dir, "--max-leases", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        waiting = wait_for_progress(state_dir, lambda p: p["state"] == "backoff")
+        late = InProcessServer(server_home, SERVER_OVERRIDES, f"127.0.0.1:{port}")
+        try:
+            _, stderr = proc.communicate(timeout=WORKER_TIMEOUT_SECONDS)
+        finally:
+            late.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    assert "server unavailable" in str(waiting["last_error"])
+    assert "retrying in" in stderr
+    progress = read_progress(state_dir)
+    assert progress is not None
+    assert progress.leases_done == 1
+    assert progress.last_error == ""
+
+
+def test_residual_is_reused_only_for_the_same_server_and_shapes(
+    tmp_path: Path,
+) -> None:
+    config = WorkerConfig(server="h:1", state_dir=tmp_path)
+    worker = Worker(config)
+    saved = {"a": torch.full((2, 3), 0.5), "b": torch.arange(4.0)}
+    update = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+
+    assert worker.residual_for(update) is None
+    worker.state.save_residual(saved, server="h:1", model_version=3)
+    reused = worker.residual_for(update)
+    assert reused is not None
+    assert torch.equal(reused["a"], saved["a"])
+    assert torch.equal(reused["b"], saved["b"])
+    assert worker.residual_for({"a": torch.zeros(3, 2), "b": torch.zeros(4)}) is None
+    assert worker.residual_for({"a": torch.zeros(2, 3)}) is None
+    worker.state.save_residual(saved, server="other:1", model_version=3)
+    assert worker.residual_for(update) is None
