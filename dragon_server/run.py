@@ -931,6 +931,9 @@ class TrainingRun:
                 written.optimizer_path.unlink(missing_ok=True)
             raise
         self._notify(events)
+        # An applied update lives on in the checkpoint; its frame is not needed.
+        for row, _ in used:
+            (self.home / row["path"]).unlink(missing_ok=True)
         return record
 
     def _discard(self, update_ids: list[int]) -> None:

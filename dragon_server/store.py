@@ -58,6 +58,7 @@ CREATE TABLE batches (
     split TEXT NOT NULL CHECK (split IN ('train', 'validation')),
     trained_count INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX batches_by_queue ON batches (split, trained_count, id);
 CREATE TABLE leases (
     id TEXT PRIMARY KEY,
     batch_id INTEGER NOT NULL REFERENCES batches(id),

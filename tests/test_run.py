@@ -397,6 +397,7 @@ def test_aggregation_publishes_a_version_with_its_validation_loss(
     )
     assert states == [{"state": "applied", "applied_version": 1, "weight": 8.0}] * 2
     assert [e.kind for e in events] == ["version_published", "aggregation_done"]
+    assert list((training_run.home / "updates").iterdir()) == []  # frames applied
     assert training_run.aggregate() is None  # nothing pending any more
 
 
