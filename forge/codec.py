@@ -364,9 +364,16 @@ def _planes(array: npt.NDArray[Any]) -> torch.Tensor:
     return torch.from_numpy(planes)
 
 
-def _as_flat_float32(tensor: torch.Tensor) -> npt.NDArray[np.float32]:
+def _as_flat_float32(
+    tensor: torch.Tensor, *, private: bool = False
+) -> npt.NDArray[np.float32]:
+    """A flat float32 view of ``tensor``; with ``private``, memory of its own."""
     cpu = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    return cpu.numpy().reshape(-1)
+    flat = cpu.numpy().reshape(-1)
+    # A conversion of dtype, device or layout has already made a private copy.
+    if private and cpu.data_ptr() == tensor.data_ptr() and flat.size:
+        return flat.copy()
+    return flat
 
 
 def _accumulated(
@@ -381,10 +388,10 @@ def _accumulated(
         )
     acc: dict[str, npt.NDArray[np.float32]] = {}
     for name, tensor in update.items():
-        flat = _as_flat_float32(tensor)
         if name not in residual:
-            acc[name] = flat.copy()
+            acc[name] = _as_flat_float32(tensor, private=True)
             continue
+        flat = _as_flat_float32(tensor)
         if tuple(residual[name].shape) != tuple(tensor.shape):
             raise ShapeMismatch(
                 f"residual {name!r} has shape {tuple(residual[name].shape)}, "
@@ -405,8 +412,10 @@ def encode_update(
     """Compress ``update + residual`` to a frame, keeping the rest as the residual.
 
     Per tensor the ``max_entries(numel, density)`` entries of largest magnitude are
-    sent; sent values plus the new residual equal update plus old residual up to
-    fp32 rounding. Raises NonFiniteValue if the sum holds NaN or infinity.
+    sent (fewer when the tensor has fewer nonzero entries; an all-zero or empty
+    tensor is left out of the frame). Sent values plus the new residual equal
+    update plus old residual up to fp32 rounding. The inputs are not modified.
+    Raises NonFiniteValue if the sum holds NaN or infinity.
     """
     if value_dtype not in get_args(ValueDtype):
         raise ValueError(f"value_dtype must be one of {get_args(ValueDtype)}")

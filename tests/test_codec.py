@@ -183,6 +183,7 @@ def test_inputs_of_any_float_dtype_and_layout_are_read_as_fp32() -> None:
         "strided": base.t(),  # not contiguous
         "half": base[:5].to(torch.bfloat16),
         "param": base[5:10].clone().requires_grad_(True),
+        "plain": base.clone(),
     }
     encoded = codec.encode_update(update, None, 1.0, "fp32")
     decoded = codec.decode_update(encoded.frame, codec.spec_of(update))
@@ -195,7 +196,9 @@ def test_inputs_of_any_float_dtype_and_layout_are_read_as_fp32() -> None:
         assert torch.equal(dense, tensor.detach().float())
         assert encoded.residual[name].dtype == torch.float32
         assert not bool(encoded.residual[name].any())
-    assert bool((update["param"] == base[5:10]).all())  # inputs are left alone
+    # The inputs are left alone, even where the residual could have reused them.
+    assert bool((update["param"] == base[5:10]).all())
+    assert torch.equal(update["plain"], base)
 
 
 def test_an_empty_update_is_a_valid_frame() -> None:
