@@ -194,10 +194,19 @@ class MixtureOfExperts(nn.Module):
         counts = torch.bincount(expert[slots], minlength=self.num_experts).tolist()
         inputs = flat[slots // self.top_k]  # [M, D], grouped by expert
 
+        # unbind, not w[index] per expert: its backward is one stack, where
+        # indexing would zero-fill and add a full-size gradient per expert.
+        experts = zip(
+            torch.unbind(self.w_gate),
+            torch.unbind(self.w_up),
+            torch.unbind(self.w_down),
+            torch.split(inputs, counts),
+            strict=True,
+        )
         results = []
-        for index, chunk in enumerate(torch.split(inputs, counts)):
-            hidden = F.silu(chunk @ self.w_gate[index]) * (chunk @ self.w_up[index])
-            results.append(hidden @ self.w_down[index])
+        for w_gate, w_up, w_down, chunk in experts:
+            hidden = F.silu(chunk @ w_gate) * (chunk @ w_up)
+            results.append(hidden @ w_down)
         gated = torch.cat(results) * gate[slots, None].to(flat.dtype)  # [M, D]
 
         per_slot = flat.new_zeros(tokens * self.top_k, width)
