@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -286,6 +286,44 @@ def program(name: str) -> str:
     return str(path)
 
 
+# Runs the real ``dragon-server`` CLI with a pause of
+# DRAGON_TEST_AGGREGATION_DELAY_SECONDS after an aggregation has written its
+# checkpoint and before it commits the version: the window a crash must survive.
+# It touches DRAGON_TEST_AGGREGATION_MARKER when the pause begins.
+DELAYED_AGGREGATION = """
+import os, sys, time
+from pathlib import Path
+import dragon_server.run as run_module
+from dragon_server.cli import main
+
+written = run_module.write_version
+delay = float(os.environ["DRAGON_TEST_AGGREGATION_DELAY_SECONDS"])
+marker = Path(os.environ["DRAGON_TEST_AGGREGATION_MARKER"])
+
+def write_then_pause(*args, **kwargs):
+    result = written(*args, **kwargs)
+    marker.write_text(str(result.path))
+    time.sleep(delay)
+    return result
+
+run_module.write_version = write_then_pause
+sys.exit(main())
+"""
+
+
+def delayed_serve(
+    home: Path, delay: float, *settings: str
+) -> tuple[ServeProcess, Path]:
+    """A serve process whose aggregations pause between checkpoint and commit."""
+    marker = home.parent / "aggregation-paused"
+    env = {
+        "DRAGON_TEST_AGGREGATION_DELAY_SECONDS": str(delay),
+        "DRAGON_TEST_AGGREGATION_MARKER": str(marker),
+    }
+    launcher = [sys.executable, "-c", DELAYED_AGGREGATION]
+    return ServeProcess(home, *settings, env=env, launcher=launcher), marker
+
+
 class ServeProcess:
     """A real ``dragon-server serve`` process on a free port, its log in a file."""
 
@@ -295,10 +333,12 @@ class ServeProcess:
         *settings: str,
         env: Mapping[str, str] | None = None,
         log_level: str = "INFO",
+        launcher: Sequence[str] = (),
     ) -> None:
         self.home = home
         self.log_path = home.parent / f"serve-{time.monotonic_ns()}.log"
-        args = [program("dragon-server"), "serve", "--home", str(home)]
+        entry = list(launcher) or [program("dragon-server")]
+        args = [*entry, "serve", "--home", str(home)]
         args += ["--listen", "127.0.0.1:0", "--log-level", log_level]
         for setting in settings:
             args += ["--set", setting]
