@@ -638,7 +638,7 @@ def _decode_values(
         top = _joined(planes, "u2").astype(np.uint32)
         values = (top << 16).view(np.float32)
     else:
-        values = _joined(planes, "f4").copy()
+        values = _joined(planes, "f4")  # fresh memory already
     finite = np.isfinite(values)
     if not finite.all():
         position = int(np.flatnonzero(~finite)[0])
