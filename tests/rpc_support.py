@@ -368,7 +368,8 @@ class ServeProcess:
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def terminate(self, timeout: float = 60.0) -> int:
