@@ -14,7 +14,13 @@ Routing statistics are computed per sequence (each sequence is its own routing
 group): an expert's capacity, the dropped assignments and the balancing loss of
 one sequence never depend on the other sequences of the batch. Splitting a batch
 into micro-batches therefore gives the same gradients as the whole batch, and a
-model scores a sequence the same whatever it is batched with.
+model scores a sequence the same whatever it is batched with. Inside a sequence
+an expert takes assignments in token order, so a token's output never depends on
+later tokens, capacity drops included.
+
+Gradients flow through every cycle: exact backpropagation is affordable at a few
+cycles. ``ModelConfig.one_step_grad`` switches to HRM's one-step approximation
+for long cycle counts on small memories.
 """
 
 from __future__ import annotations
@@ -128,11 +134,8 @@ class MixtureOfExperts(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        experts, width, hidden = (
-            config.num_experts,
-            config.d_model,
-            config.expert_hidden,
-        )
+        experts, width = config.num_experts, config.d_model
+        hidden = config.expert_hidden
         self.num_experts = experts
         self.top_k = config.top_k
         self.capacity_factor = config.capacity_factor
@@ -191,6 +194,7 @@ class MixtureOfExperts(nn.Module):
         tokens, width = flat.shape
         slots = keep.nonzero().squeeze(1)  # [M] kept slots
         slots = slots[torch.argsort(expert[slots], stable=True)]
+        # The split sizes must be host integers: one device sync per layer.
         counts = torch.bincount(expert[slots], minlength=self.num_experts).tolist()
         inputs = flat[slots // self.top_k]  # [M, D], grouped by expert
 
@@ -304,18 +308,14 @@ class HRMSMoE(nn.Module):
         z_low = torch.zeros_like(x)
         z_high = torch.zeros_like(x)
         steps = config.h_cycles * config.l_cycles
+        wants_grad = torch.is_grad_enabled()
         for step in range(steps):
-            last_low = step == steps - 1
-            with torch.set_grad_enabled(
-                torch.is_grad_enabled() and self._graph(last_low)
-            ):
+            graph = wants_grad and (step == steps - 1 or not config.one_step_grad)
+            with torch.set_grad_enabled(graph):
                 z_low = self.low(z_low + z_high + x, rope, low_log)
                 if (step + 1) % config.l_cycles == 0:
                     z_high = self.high(z_high + z_low, rope, high_log)
         return z_high
-
-    def _graph(self, last: bool) -> bool:
-        return last or not self.config.one_step_grad
 
     def _output(self, logits: Tensor, log: list[list[RoutingStats]]) -> ModelOutput:
         aux = torch.stack([stats.aux_loss for entries in log for stats in entries])
