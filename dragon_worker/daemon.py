@@ -543,11 +543,9 @@ class Worker:
                 session, lease_id, service_pb2.RELEASE_REASON_FAILED, str(exc)
             )
         if result is None:
+            why = "drain grace over" if self._drain_expired() else "worker stopping"
             return self._release(
-                session,
-                lease_id,
-                service_pb2.RELEASE_REASON_SHUTDOWN,
-                "worker stopping",
+                session, lease_id, service_pb2.RELEASE_REASON_SHUTDOWN, why
             )
         if not is_finite_update(result.pseudo_gradient):
             return self._release(

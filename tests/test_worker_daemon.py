@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from dragon_server.run import TrainingRun
-from dragon_server.server import start_server
+from dragon_server.server import start_dragon_server
 from dragon_worker.client import ServerClient
 from dragon_worker.config import WorkerConfig
 from dragon_worker.daemon import Worker
@@ -53,10 +53,17 @@ class InProcessServer:
         self.thread.start()
         self.run = TrainingRun.open(home, dict(overrides))
         started = asyncio.run_coroutine_threadsafe(
-            start_server(self.run, listen), self.loop
+            start_dragon_server(self.run, listen), self.loop
         )
-        self.server, self.port = started.result(timeout=60)
+        self.running = started.result(timeout=60)
+        self.server, self.port = self.running.server, self.running.port
         self.address = f"127.0.0.1:{self.port}"
+
+    def drain(self, grace_seconds: float) -> None:
+        """Send every session a Drain notice, as ``serve`` does on SIGTERM."""
+        self.loop.call_soon_threadsafe(
+            self.running.training.drain, grace_seconds, "test drain"
+        )
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
@@ -285,6 +292,43 @@ def test_second_signal_gives_the_lease_back_and_exits_at_once(
     assert stats.accepted_update_count == 0
 
 
+@pytest.mark.slow
+def test_drain_with_a_short_grace_gives_the_lease_back_then_reconnects(
+    slow_server: InProcessServer, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "worker"
+    env = {**_worker_env(), "DRAGON_WORKER_BACKOFF_INITIAL_SECONDS": "0.2"}
+    proc = subprocess.Popen(
+        worker_command(slow_server.address, state_dir, "--max-leases", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for_progress(
+            state_dir,
+            lambda p: p["state"] == "training" and int(p["steps_done"]) >= 1,
+        )
+        slow_server.drain(0.1)
+        _, stderr = proc.communicate(timeout=WORKER_TIMEOUT_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    # The first lease went back at the end of the grace; after reconnecting
+    # (this server kept granting) a second one was trained and accepted.
+    assert "drain grace over" in stderr
+    assert "session ended" in stderr
+    progress = read_progress(state_dir)
+    assert progress is not None
+    assert progress.leases_done == 1
+    assert slow_server.run.network_stats().accepted_update_count == 1
+    assert slow_server.run.network_stats().lease_count == 2
+
+
 def test_restart_keeps_key_residual_and_counters_and_fetches_a_new_version(
     server: InProcessServer, tmp_path: Path
 ) -> None:
@@ -327,6 +371,7 @@ def test_restart_keeps_key_residual_and_counters_and_fetches_a_new_version(
     assert stats.accepted_update_count == 2
 
 
+@pytest.mark.slow
 def test_worker_waits_for_a_server_that_is_not_up_yet(
     server_home: Path, tmp_path: Path
 ) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import re
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,21 +43,24 @@ def test_api_key_is_private_hex_and_stable(tmp_path: Path) -> None:
     assert WorkerState(tmp_path / "other").api_key() != key
 
 
-def _make_key(root: str, out: multiprocessing.Queue[str]) -> None:
-    out.put(WorkerState(Path(root)).api_key())
+def test_racing_starts_agree_on_one_key(tmp_path: Path) -> None:
+    # Eight daemons starting at once on one folder: O_EXCL lets one create it.
+    barrier = threading.Barrier(8)
+    keys: list[str] = []
 
+    def start() -> None:
+        state = WorkerState(tmp_path)
+        barrier.wait()
+        keys.append(state.api_key())
 
-def test_racing_processes_agree_on_one_key(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    out: multiprocessing.Queue[str] = ctx.Queue()
-    procs = [ctx.Process(target=_make_key, args=(str(tmp_path), out)) for _ in range(3)]
-    for proc in procs:
-        proc.start()
-    keys = {out.get(timeout=60) for _ in procs}
-    for proc in procs:
-        proc.join(timeout=60)
-    assert len(keys) == 1
-    assert (tmp_path / "api_key").read_text().strip() == keys.pop()
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(keys) == 8
+    assert len(set(keys)) == 1
+    assert (tmp_path / "api_key").read_text().strip() == keys[0]
 
 
 def test_corrupt_key_is_an_error_not_a_new_key(tmp_path: Path) -> None:
