@@ -1,8 +1,10 @@
 """Combining updates into the next model version.
 
-An aggregation round has two steps. A *combiner* turns the weighted sparse
-updates into one dense pseudo-gradient (``theta_start - theta_end``, fp32); the
-default is the weighted mean. A *server optimizer* applies it to the weights:
+An aggregation round has two steps. :func:`combine` turns the weighted sparse
+updates into one dense pseudo-gradient (``theta_start - theta_end``, fp32): the
+weighted mean by default, or a robust rule (norm clipping, rejection of outlying
+norms, coordinate-wise trimmed mean or median, Krum / Multi-Krum) that a run's
+config names. A *server optimizer* then applies it to the weights:
 
 - ``fedavg``: ``theta -= lr * g`` (lr 1.0 applies the mean update as is);
 - ``fedadam`` (Reddi et al., "Adaptive Federated Optimization"): ``m = b1 m +
@@ -52,12 +54,6 @@ def update_weight(samples: int, staleness: int, reputation: float) -> float:
     return samples * staleness_discount(staleness) * max(reputation, 0.0)
 
 
-# A combiner maps the round's updates to one dense pseudo-gradient per tensor of
-# the spec. Robust rules (norm clipping, 3-sigma norm rejection, coordinate-wise
-# trimmed mean or median, Krum / Multi-Krum) plug in here with this signature.
-Combiner = Callable[[Iterable[WeightedUpdate], Spec], dict[str, Tensor]]
-
-
 def weighted_mean(updates: Iterable[WeightedUpdate], spec: Spec) -> dict[str, Tensor]:
     """The weighted mean of sparse updates as dense fp32 tensors.
 
@@ -87,10 +83,181 @@ def weighted_mean(updates: Iterable[WeightedUpdate], spec: Spec) -> dict[str, Te
     return combined
 
 
-# TODO: robust combiners (norm clipping, rejection of update norms beyond 3 sigma,
-# coordinate-wise trimmed mean and median, Krum / Multi-Krum refused when
-# n <= 2f + 2) are not written yet; COMBINERS is where they will be registered.
-COMBINERS: dict[str, Combiner] = {"mean": weighted_mean}
+@dataclass(frozen=True)
+class RobustRule:
+    """How a round is combined; the defaults are the plain weighted mean.
+
+    ``clip_norm`` (0: off) scales each update down to that L2 norm at most;
+    ``reject_sigma`` (0: off) drops updates whose norm lies further than that
+    many standard deviations from the others'; then ``name`` combines what is
+    left: ``mean`` (weighted), ``trimmed_mean`` (per coordinate, dropping
+    ``trim_fraction`` of the values at each end), ``median`` (per coordinate),
+    ``krum`` or ``multi_krum`` (Blanchard et al., for ``byzantine`` = f faulty
+    workers; ``selected`` = m updates averaged, 0 meaning n - f).
+    """
+
+    name: str = "mean"
+    clip_norm: float = 0.0
+    reject_sigma: float = 0.0
+    trim_fraction: float = 0.1
+    byzantine: int = 0
+    selected: int = 0
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> RobustRule:
+        return cls(
+            name=config.aggregation_rule,
+            clip_norm=config.clip_update_norm,
+            reject_sigma=config.reject_norm_sigma,
+            trim_fraction=config.trim_fraction,
+            byzantine=config.byzantine_workers,
+            selected=config.multi_krum_selected,
+        )
+
+    @property
+    def streams(self) -> bool:
+        """True when the round can be combined one update at a time."""
+        return self.name == "mean" and not self.clip_norm and not self.reject_sigma
+
+
+def combine(
+    updates: Iterable[WeightedUpdate], spec: Spec, rule: RobustRule | None = None
+) -> dict[str, Tensor]:
+    """The round's pseudo-gradient under ``rule`` (the weighted mean by default).
+
+    Every rule but the plain mean holds the round as a dense [n, P] matrix: n
+    copies of the model in memory. With top-k updates most coordinates of each
+    row are zero, so the coordinate-wise rules (median, trimmed mean) shrink
+    the step a lot; they suit dense updates or many workers best.
+    """
+    rule = rule or RobustRule()
+    if rule.streams:
+        return weighted_mean(updates, spec)
+    items = [item for item in updates if _usable_weight(item.weight) > 0]
+    if not items:
+        raise AggregationRefused("no update of positive weight to combine")
+    rows = torch.stack([_flatten(item.update, spec) for item in items])  # [n, P]
+    weights = torch.tensor([item.weight for item in items], dtype=torch.float64)
+    if rule.clip_norm > 0:
+        rows = clip_norms(rows, rule.clip_norm)
+    if rule.reject_sigma > 0:
+        keep = norms_within(rows, rule.reject_sigma)
+        rows, weights = rows[keep], weights[keep]
+    return _unflatten(RULES[rule.name](rows, weights, rule), spec)
+
+
+def _usable_weight(weight: float) -> float:
+    if weight < 0 or not math.isfinite(weight):
+        raise AggregationRefused(f"update weight {weight} is not usable")
+    return weight
+
+
+def _flatten(update: SparseUpdate, spec: Spec) -> Tensor:
+    """One update as a dense fp32 vector over the spec's tensors in name order."""
+    dense = {
+        name: torch.zeros(shape, dtype=torch.float32) for name, shape in spec.items()
+    }
+    accumulate(update, dense)
+    return torch.cat([dense[name].view(-1) for name in sorted(spec)])
+
+
+def _unflatten(vector: Tensor, spec: Spec) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for name in sorted(spec):
+        numel = math.prod(spec[name])
+        out[name] = vector[offset : offset + numel].reshape(spec[name]).clone()
+        offset += numel
+    return out
+
+
+def clip_norms(rows: Tensor, max_norm: float) -> Tensor:
+    """Rows [n, P] scaled so that none has an L2 norm above ``max_norm``."""
+    norms = rows.norm(dim=1, keepdim=True)
+    scale = torch.clamp(max_norm / torch.clamp(norms, min=1e-30), max=1.0)
+    return rows * scale
+
+
+def norms_within(rows: Tensor, sigmas: float) -> Tensor:
+    """Mask [n] of rows whose norm is within ``sigmas`` deviations of the others'.
+
+    The centre and spread are the median and the scaled median absolute
+    deviation: with the mean and standard deviation an outlier inflates the
+    spread it is judged by, and among n <= 10 values no z-score can exceed 3.
+    When the spread is zero nothing is rejected.
+    """
+    norms = rows.double().norm(dim=1)
+    centre = norms.median()
+    spread = 1.4826 * float((norms - centre).abs().median())
+    if len(norms) < 3 or spread == 0:
+        return torch.ones(len(norms), dtype=torch.bool)
+    keep: Tensor = (norms - centre).abs() <= sigmas * spread
+    return keep
+
+
+def _mean_rows(rows: Tensor, weights: Tensor, rule: RobustRule) -> Tensor:
+    total = float(weights.sum())
+    if not total > 0:
+        raise AggregationRefused("every update of the round was rejected")
+    return (rows.double() * weights[:, None]).sum(dim=0).float() / total
+
+
+def _trimmed_mean(rows: Tensor, weights: Tensor, rule: RobustRule) -> Tensor:
+    n = len(rows)
+    cut = math.floor(rule.trim_fraction * n)
+    if n - 2 * cut < 1:
+        raise AggregationRefused(
+            f"trimming {cut} of {n} updates at each end leaves none"
+        )
+    ordered = rows.sort(dim=0).values
+    return ordered[cut : n - cut].mean(dim=0)
+
+
+def _median(rows: Tensor, weights: Tensor, rule: RobustRule) -> Tensor:
+    n = len(rows)
+    if n == 0:
+        raise AggregationRefused("every update of the round was rejected")
+    ordered = rows.sort(dim=0).values
+    if n % 2:
+        return ordered[n // 2].clone()
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def krum_scores(rows: Tensor, byzantine: int) -> Tensor:
+    """Krum score of each row [n]: the sum of squared distances to its n - f - 2
+    nearest other rows. Refused unless n > 2f + 2."""
+    n = len(rows)
+    if n <= 2 * byzantine + 2:
+        raise AggregationRefused(
+            f"Krum with f = {byzantine} needs more than {2 * byzantine + 2} "
+            f"updates; the round has {n}"
+        )
+    distances = torch.cdist(rows.double(), rows.double()).pow(2)  # [n, n]
+    nearest = n - byzantine - 2
+    # Column 0 of each sorted row is the distance to itself (zero).
+    return distances.sort(dim=1).values[:, 1 : 1 + nearest].sum(dim=1)
+
+
+def _krum(rows: Tensor, weights: Tensor, rule: RobustRule) -> Tensor:
+    scores = krum_scores(rows, rule.byzantine)
+    return rows[int(scores.argmin())].clone()
+
+
+def _multi_krum(rows: Tensor, weights: Tensor, rule: RobustRule) -> Tensor:
+    scores = krum_scores(rows, rule.byzantine)
+    count = rule.selected or len(rows) - rule.byzantine
+    chosen = scores.argsort()[: max(1, min(count, len(rows)))]
+    return _mean_rows(rows[chosen], weights[chosen], rule)
+
+
+# A rule maps the round's rows [n, P] and weights [n] to one vector [P].
+RULES: dict[str, Callable[[Tensor, Tensor, RobustRule], Tensor]] = {
+    "mean": _mean_rows,
+    "trimmed_mean": _trimmed_mean,
+    "median": _median,
+    "krum": _krum,
+    "multi_krum": _multi_krum,
+}
 
 
 class ServerOptimizer(Protocol):

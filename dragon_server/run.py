@@ -29,11 +29,12 @@ import torch
 from torch import Tensor
 
 from dragon_server.aggregation import (
+    RobustRule,
     WeightedUpdate,
     apply_round,
+    combine,
     make_optimizer,
     update_weight,
-    weighted_mean,
 )
 from dragon_server.checkpoints import (
     WrittenCheckpoint,
@@ -232,6 +233,7 @@ class TrainingRun:
         self._listeners: list[EventListener] = []
         self._draining = False
         self._aggregating = threading.Lock()
+        self._rule = RobustRule.from_config(config)
         self._keys: dict[bytes, str] = {}  # key hash -> worker id, once verified
 
         latest = self.latest_version()
@@ -795,7 +797,7 @@ class TrainingRun:
             unusable: list[int] = []
             updates = self._round(pending, latest.version, used, unusable)
             try:
-                combined = weighted_mean(updates, self.spec)
+                combined = combine(updates, self.spec, self._rule)
             except AggregationRefused as exc:
                 logger.warning("aggregation refused, updates discarded: %s", exc)
                 self._discard([row["id"] for row in pending])

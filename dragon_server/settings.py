@@ -25,6 +25,13 @@ ValueDtypeName = Literal["fp16", "bf16", "fp32"]
 
 OPTIMIZERS: tuple[str, ...] = ("fedavg", "fedadam", "nesterov")
 VALUE_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32")
+AGGREGATION_RULES: tuple[str, ...] = (
+    "mean",
+    "trimmed_mean",
+    "median",
+    "krum",
+    "multi_krum",
+)
 
 # The learning rate each server optimizer uses when server_learning_rate is 0:
 # plain averaging applies the mean update as is; DiLoCo's outer Nesterov step uses
@@ -71,6 +78,13 @@ class RunConfig:
     server_beta1: float = 0.9  # fedadam
     server_beta2: float = 0.99  # fedadam
     server_tau: float = 1e-3  # fedadam
+    # Robust combination (see dragon_server.aggregation.RobustRule).
+    aggregation_rule: str = "mean"  # mean, trimmed_mean, median, krum, multi_krum
+    clip_update_norm: float = 0.0  # L2 bound per update; 0 = off
+    reject_norm_sigma: float = 0.0  # drop updates whose norm is an outlier; 0 = off
+    trim_fraction: float = 0.1  # trimmed_mean: share cut at each end
+    byzantine_workers: int = 0  # krum: the f faulty updates tolerated
+    multi_krum_selected: int = 0  # multi_krum: updates averaged; 0 = n - f
 
     # Admission and limits.
     pow_difficulty_bits: int = 16
@@ -109,6 +123,10 @@ class RunConfig:
             "pow_difficulty_bits",
             "max_update_bytes",
             "drain_grace_seconds",
+            "clip_update_norm",
+            "reject_norm_sigma",
+            "byzantine_workers",
+            "multi_krum_selected",
         )
         for name in not_negative:
             if getattr(self, name) < 0:
@@ -132,6 +150,12 @@ class RunConfig:
             raise ConfigInvalid("validation_fraction must be in [0, 1)")
         if not 0 < self.density <= 1:
             raise ConfigInvalid("density must be in (0, 1]")
+        if self.aggregation_rule not in AGGREGATION_RULES:
+            raise ConfigInvalid(
+                f"aggregation_rule must be one of {', '.join(AGGREGATION_RULES)}"
+            )
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigInvalid("trim_fraction must be in [0, 0.5)")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigInvalid(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.value_dtype not in VALUE_DTYPES:

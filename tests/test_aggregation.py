@@ -11,14 +11,17 @@ from dragon_server.aggregation import (
     FedAdam,
     FedAvg,
     Nesterov,
+    RobustRule,
     WeightedUpdate,
     apply_round,
+    combine,
+    krum_scores,
     make_optimizer,
     staleness_discount,
     update_weight,
     weighted_mean,
 )
-from dragon_server.errors import AggregationRefused
+from dragon_server.errors import AggregationRefused, ConfigInvalid
 from dragon_server.settings import RunConfig
 from forge.codec import SparseTensor, SparseUpdate
 
@@ -190,3 +193,93 @@ def test_the_config_picks_the_optimizer_and_its_default_rate() -> None:
     assert (nesterov.lr, nesterov.momentum) == (0.7, 0.9)
     assert isinstance(tuned, Nesterov)
     assert tuned.lr == 0.3
+
+
+# --- robust rules ------------------------------------------------------------
+
+
+def _points(*values: float, weights: list[float] | None = None) -> list[WeightedUpdate]:
+    weights = weights or [1.0] * len(values)
+    return [
+        WeightedUpdate(_update(b={0: v}), weight=w)
+        for v, w in zip(values, weights, strict=True)
+    ]
+
+
+def test_the_default_rule_is_the_streaming_weighted_mean() -> None:
+    updates = [
+        WeightedUpdate(_update(w={0: 1.0, 3: 2.0}), weight=1.0),
+        WeightedUpdate(_update(w={3: 4.0}), weight=3.0),
+    ]
+    assert RobustRule().streams
+    assert not RobustRule(clip_norm=1.0).streams
+    combined = combine(iter(updates), SPEC)
+    dense = combine(updates, SPEC, RobustRule(name="mean", reject_sigma=100.0))
+    assert combined["w"].tolist() == [[0.25, 0.0], [0.0, 3.5]]
+    assert dense["w"].view(-1).tolist() == pytest.approx([0.25, 0.0, 0.0, 3.5])
+
+
+def test_norm_clipping_scales_large_updates_down() -> None:
+    updates = [
+        WeightedUpdate(_update(b={0: 3.0, 1: 4.0}), weight=1.0),  # norm 5
+        WeightedUpdate(_update(b={2: 0.5}), weight=1.0),  # norm 0.5, kept
+    ]
+    combined = combine(updates, SPEC, RobustRule(clip_norm=1.0))
+    # (0.6, 0.8, 0) and (0, 0, 0.5), averaged.
+    assert combined["b"].tolist() == pytest.approx([0.3, 0.4, 0.25])
+    assert combined["w"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_an_outlying_norm_is_rejected() -> None:
+    updates = _points(1.0, 1.1, 0.9, 1.0, 50.0)
+    # Median norm 1.0, median absolute deviation 0.1: 3 sigmas = 0.445.
+    combined = combine(updates, SPEC, RobustRule(reject_sigma=3.0))
+    assert combined["b"].tolist() == pytest.approx([1.0, 0.0, 0.0])
+    everything = combine(updates, SPEC, RobustRule(name="mean", clip_norm=1e9))
+    assert everything["b"][0].item() == pytest.approx(54.0 / 5)
+
+
+def test_trimmed_mean_and_median_work_per_coordinate() -> None:
+    updates = _points(1.0, 2.0, 3.0, 100.0)
+    trimmed = combine(
+        updates, SPEC, RobustRule(name="trimmed_mean", trim_fraction=0.25)
+    )
+    assert trimmed["b"][0].item() == 2.5  # mean of 2 and 3
+    assert combine(updates, SPEC, RobustRule(name="median"))["b"][0].item() == 2.5
+    odd = _points(1.0, 2.0, 3.0, 100.0, -50.0)
+    assert combine(odd, SPEC, RobustRule(name="median"))["b"][0].item() == 2.0
+
+
+def test_krum_picks_the_most_central_update_and_multi_krum_averages() -> None:
+    updates = _points(1.0, 1.2, 0.9, 1.05, 10.0, weights=[1.0, 1.0, 1.0, 3.0, 1.0])
+    # f = 1: each score sums the 2 smallest squared distances to the others:
+    # 1.0 -> 0.0025 + 0.01; 1.05 -> 0.0025 + 0.0225; 0.9 -> 0.01 + 0.0225; ...
+    scores = krum_scores(torch.tensor([[1.0], [1.2], [0.9], [1.05], [10.0]]), 1)
+    assert scores[:4].tolist() == pytest.approx([0.0125, 0.0625, 0.0325, 0.025])
+
+    krum = combine(updates, SPEC, RobustRule(name="krum", byzantine=1))
+    multi = combine(
+        updates, SPEC, RobustRule(name="multi_krum", byzantine=1, selected=2)
+    )
+
+    assert krum["b"][0].item() == 1.0
+    # 1.0 and 1.05, weighted 1 and 3.
+    assert multi["b"][0].item() == pytest.approx((1.0 + 3 * 1.05) / 4)
+
+
+def test_krum_is_refused_without_enough_updates() -> None:
+    with pytest.raises(AggregationRefused, match="needs more than 4 updates"):
+        combine(_points(1.0, 2.0, 3.0, 4.0), SPEC, RobustRule(name="krum", byzantine=1))
+    with pytest.raises(AggregationRefused, match="positive weight"):
+        combine(_points(1.0, weights=[0.0]), SPEC, RobustRule(name="median"))
+
+
+def test_the_config_names_the_rule() -> None:
+    config = RunConfig(
+        aggregation_rule="multi_krum", byzantine_workers=2, multi_krum_selected=3
+    )
+    assert RobustRule.from_config(config) == RobustRule(
+        name="multi_krum", byzantine=2, selected=3
+    )
+    with pytest.raises(ConfigInvalid, match="aggregation_rule must be one of"):
+        RunConfig(aggregation_rule="vote")

@@ -546,6 +546,23 @@ def test_stateful_optimizers_carry_their_state_across_versions(
         run.close()
 
 
+def test_a_robust_rule_from_the_config_combines_the_round(
+    server_home: Path, register_worker: RegisterWorker, make_update: MakeUpdate
+) -> None:
+    overrides = {"aggregation_rule": "multi_krum", "byzantine_workers": 0}
+    run = TrainingRun.open(server_home, overrides)
+    try:
+        worker, _ = register_worker(run, "alice")
+        for seed in range(3):
+            _accepted(run, worker, make_update, seed=seed)
+        record = run.aggregate()
+        assert record is not None
+        assert (record.version, record.update_count) == (1, 3)
+        assert math.isfinite(record.validation_loss)
+    finally:
+        run.close()
+
+
 def test_a_round_of_zero_weight_is_discarded_not_applied(
     training_run: TrainingRun, register_worker: RegisterWorker, make_update: MakeUpdate
 ) -> None:
