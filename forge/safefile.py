@@ -131,7 +131,7 @@ def read_header(
         raise SafeFileError(f"header length {length} exceeds the {len(view)} bytes")
     try:
         header = json.loads(bytes(view[8 : 8 + length]))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SafeFileError(f"header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise SafeFileError("header must be a JSON object")

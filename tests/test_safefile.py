@@ -96,6 +96,11 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
         pytest.param((2).to_bytes(8, "little") + b"[]", "JSON object", id="not-object"),
         pytest.param((2).to_bytes(8, "little") + b"{x", "not JSON", id="not-json"),
         pytest.param(
+            (200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000,
+            "not JSON",
+            id="deeply-nested",
+        ),
+        pytest.param(
             _header({"t": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}),
             "unknown dtype",
             id="bad-dtype",
