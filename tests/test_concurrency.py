@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from dragon.v1 import service_pb2
 from rpc_support import (
     Client,
@@ -52,6 +53,7 @@ print(json.dumps({"reads": reads, "errors": errors}), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_fifty_uploads_during_an_aggregation_with_a_reader_process(
     server_home: Path,
 ) -> None:

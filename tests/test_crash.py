@@ -15,6 +15,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from dragon.v1 import service_pb2
 from rpc_support import (
@@ -94,6 +95,7 @@ def wait_for_version(address: str, version: int, seconds: float = 120) -> None:
     raise AssertionError(f"version {version} was not published in {seconds} s")
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoint_and_commit_loses_and_doubles_nothing(
     server_home: Path,
 ) -> None:
