@@ -188,7 +188,7 @@ class ServerClient:
             raise translate(exc, f"DownloadCheckpoint v{version}") from exc
 
         size = part_path.stat().st_size
-        actual = _file_sha256(part_path)
+        actual = file_sha256(part_path)
         if size != digest.size_bytes or actual != digest.sha256:
             # A corrupt prefix would poison every resume: start over next time.
             part_path.unlink(missing_ok=True)
@@ -249,7 +249,7 @@ class ServerClient:
         return SessionStream(self._training, self._metadata)
 
 
-def _file_sha256(path: Path) -> bytes:
+def file_sha256(path: Path) -> bytes:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(4 * MIB):

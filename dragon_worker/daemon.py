@@ -46,12 +46,13 @@ from dragon_worker.client import (
     ServerClient,
     ServerUnavailableError,
     SessionStream,
+    file_sha256,
 )
 from dragon_worker.config import WorkerConfig
 from dragon_worker.resources import describe_hardware, limit_gpu_memory, select_device
 from dragon_worker.state import Activity, WorkerState
 from forge import codec
-from forge.checkpoint import load_checkpoint, model_from_checkpoint
+from forge.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from forge.model import HRMSMoE
 from forge.train import TrainingStopped, TrainRecipe, TrainResult, train_lease
 
@@ -385,6 +386,11 @@ class Worker:
             hello.held_version = self._held_version
         session.send(service_pb2.SessionRequest(hello=hello))
         welcome = self._wait_for(session, ("welcome",), self.config.rpc_timeout_seconds)
+        if welcome.WhichOneof("kind") == "rejection":
+            raise RequestRefusedError(
+                f"hello refused: {welcome.rejection.message}",
+                _status_code(welcome.rejection.status_code),
+            )
         self._latest_version = welcome.welcome.latest_version.version
         logger.info(
             "session open as %s; latest version %d",
@@ -464,41 +470,53 @@ class Worker:
     def _ensure_version(
         self, client: ServerClient, version: int, sha256: bytes | None
     ) -> None:
-        """Hold ``version``'s checkpoint in the state folder, downloading it."""
+        """Hold ``version``'s checkpoint in the state folder, downloading it.
+
+        ``sha256`` is the published digest when known; a cached file that does
+        not match it is dropped and fetched again.
+        """
         path = self.state.checkpoint_path(version)
+        if path.exists() and sha256 and file_sha256(path) != sha256:
+            logger.warning(
+                "cached checkpoint v%d is corrupt; fetching it again", version
+            )
+            path.unlink()
         if not path.exists():
-            self._set_activity(Activity.DOWNLOADING)
-            part = self.state.part_path(version)
-            received = 0
-
-            def count(n: int) -> None:
-                nonlocal received
-                received += n
-
-            try:
-                download = client.download_checkpoint(version, path, part, count)
-            except RequestRefusedError:
-                if not part.exists():
-                    raise
-                # The partial file may be from a version the server rebuilt.
-                logger.warning(
-                    "server refused the resume of v%d; starting over", version
-                )
-                part.unlink()
-                download = client.download_checkpoint(version, path, part, count)
-            finally:
-                self.state.add(bytes_down=received)
-            if sha256 and download.sha256 != sha256:
+            self._download(client, version)
+            if sha256 and file_sha256(path) != sha256:
                 path.unlink()
                 raise DownloadError(f"v{version} does not match its published digest")
         self._held_version = version
         self.state.update(model_version=version)
-        self.state.prune_checkpoints(
-            {
-                version,
-                *([self._latest_version] if self._latest_version is not None else []),
-            }
-        )
+        keep = {version}
+        if self._latest_version is not None:
+            keep.add(self._latest_version)
+        self.state.prune_checkpoints(keep)
+
+    def _download(self, client: ServerClient, version: int) -> None:
+        self._set_activity(Activity.DOWNLOADING)
+        path = self.state.checkpoint_path(version)
+        part = self.state.part_path(version)
+        received = 0
+
+        def count(n: int) -> None:
+            nonlocal received
+            received += n
+
+        try:
+            try:
+                client.download_checkpoint(version, path, part, count)
+            except RequestRefusedError:
+                if not part.exists():
+                    raise
+                # The partial file may be longer than the checkpoint now served.
+                logger.warning(
+                    "server refused the resume of v%d; starting over", version
+                )
+                part.unlink()
+                client.download_checkpoint(version, path, part, count)
+        finally:
+            self.state.add(bytes_down=received)
 
     # -- one lease -------------------------------------------------------------
 
@@ -522,8 +540,19 @@ class Worker:
             )
         self._ensure_version(client, lease.model_version, None)
 
-        checkpoint = load_checkpoint(self.state.checkpoint_path(lease.model_version))
-        model = model_from_checkpoint(checkpoint, self._device)
+        path = self.state.checkpoint_path(lease.model_version)
+        try:
+            model = model_from_checkpoint(load_checkpoint(path), self._device)
+        except CheckpointError as exc:
+            # Drop the file so that the next lease fetches it again.
+            path.unlink(missing_ok=True)
+            self._held_version = None
+            return self._release(
+                session,
+                lease_id,
+                service_pb2.RELEASE_REASON_FAILED,
+                f"checkpoint v{lease.model_version} unusable: {exc}",
+            )
         self._set_activity(
             Activity.TRAINING,
             current_lease_id=lease_id,

@@ -224,6 +224,8 @@ def test_sigterm_during_training_uploads_then_exits_zero(
     slow_server: InProcessServer, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "worker"
+    # A corrupt cached checkpoint: the published digest exposes it.
+    WorkerState(state_dir).checkpoint_path(0).write_bytes(b"\x00" * 64)
     proc = subprocess.Popen(
         worker_command(slow_server.address, state_dir),
         stdout=subprocess.PIPE,
@@ -249,10 +251,11 @@ def test_sigterm_during_training_uploads_then_exits_zero(
     assert progress.state == "stopped"
     assert progress.leases_done == 1
     assert progress.tokens == SLOW_LEASE_STEPS * 4 * 32
-    assert (
-        int(str(seen["steps_done"])) < SLOW_LEASE_STEPS
-    )  # the signal came mid-training
+    # The signal came in the middle of the lease, yet every step was trained.
+    assert int(str(seen["steps_done"])) < SLOW_LEASE_STEPS
     assert slow_server.run.network_stats().accepted_update_count == 1
+    assert progress.bytes_down == slow_server.run.latest_version().size_bytes
+    assert "cached checkpoint v0 is corrupt" in stderr
 
 
 def test_second_signal_gives_the_lease_back_and_exits_at_once(
