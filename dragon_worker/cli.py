@@ -136,12 +136,17 @@ def run(config_file: Path | None, verbose: bool, **options: Any) -> None:
             logger.warning("%s: finishing the current lease, then stopping", name)
         worker.request_stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {
+        signum: signal.signal(signum, on_signal)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         code = worker.run()
     except DeviceUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if worker.training_in_progress():
         # After a second signal the training thread may be inside a long step;
         # leave without waiting for it (state files are already written).

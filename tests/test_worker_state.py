@@ -305,3 +305,21 @@ def test_status_without_state_says_what_to_do(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path / "x")])
     assert result.exit_code == 1
     assert "no worker state" in result.output
+
+
+# -- the run command's own checks -------------------------------------------------
+
+
+def test_run_without_a_server_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no server given" in result.output
+
+
+def test_run_on_a_missing_gpu_says_so(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the message is for machines without")
+    args = ["run", "--server", "127.0.0.1:1", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--device", "cuda:0"])
+    assert result.exit_code == 1
+    assert "CUDA is not available" in result.output
