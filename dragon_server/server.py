@@ -159,6 +159,10 @@ class Maintenance:
                 await self.step()
             except DragonError as exc:
                 logger.warning("maintenance step refused: %s", exc)
+            except Exception:
+                # A failed round (a full disk, a damaged file) must not end the
+                # loop: leases still need expiring, and the next round may work.
+                logger.exception("maintenance step failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), MAINTENANCE_SECONDS)
 
@@ -178,12 +182,10 @@ class Maintenance:
                 self.aggregation = None
         if record is not None:
             logger.info(
-                "version %d published from %d update(s) in %.1f s,"
-                " validation loss %.4f",
+                "round of version %d took %.1f s; telling %d session(s)",
                 record.version,
-                record.update_count,
                 time.monotonic() - started,
-                record.validation_loss,
+                self._training.session_count,
             )
             self._training.publish_version(record)
 

@@ -225,8 +225,9 @@ class TrainingSession:
                 reason="every batch is leased; ask again later",
             )
             return service_pb2.SessionResponse(no_lease=no_lease)
-        logger.info(
-            "lease %s (batch %d, version %d) granted to %s",
+        # The run logs the grant at INFO; this line adds the session's view.
+        logger.debug(
+            "lease %s (batch %d, version %d) sent to %s",
             grant.lease_id,
             grant.batch_id,
             grant.model_version,
@@ -306,11 +307,11 @@ class TrainingSession:
         result = await asyncio.to_thread(
             self.run.submit_update, self.worker_id, end.lease_id, frame, meta
         )
-        logger.info(
-            "update for lease %s from %s accepted%s (%d bytes)",
+        logger.debug(
+            "update for lease %s from %s acknowledged%s (%d bytes)",
             end.lease_id,
             self.worker_id,
-            " again" if result.duplicate else "",
+            " as a duplicate" if result.duplicate else "",
             len(frame),
         )
         ack = service_pb2.Ack(
