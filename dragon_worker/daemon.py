@@ -65,6 +65,8 @@ ACK_TIMEOUT_SECONDS: Final = 120.0
 # Granularity of every wait, so signals and server messages are seen promptly.
 POLL_SECONDS: Final = 0.1
 DEFAULT_HEARTBEAT_SECONDS: Final = 10.0
+# Step progress goes to progress.json at most this often (each write fsyncs).
+PROGRESS_WRITE_SECONDS: Final = 0.5
 DEFAULT_DENSITY: Final = 0.01
 _VALUE_DTYPES: Final[dict[int, codec.ValueDtype]] = {
     types_pb2.VALUE_DTYPE_FP16: "fp16",
@@ -605,7 +607,7 @@ class Worker:
         self._job = job
         interval = _seconds(lease.heartbeat_interval, DEFAULT_HEARTBEAT_SECONDS)
         next_heartbeat = time.monotonic() + interval
-        last_written = job.progress
+        last_written, written_at = job.progress, 0.0
         job.start()
         while job.alive():
             if self.lifecycle == Lifecycle.ABORTING or self._drain_expired():
@@ -619,10 +621,11 @@ class Worker:
             if time.monotonic() >= next_heartbeat:
                 self._heartbeat(session, lease.lease_id, progress)
                 next_heartbeat = time.monotonic() + interval
-            if progress != last_written:
+            now = time.monotonic()
+            if progress != last_written and now - written_at >= PROGRESS_WRITE_SECONDS:
                 done, total, loss = progress
                 self.state.update(steps_done=done, steps_total=total, loss=loss)
-                last_written = progress
+                last_written, written_at = progress, now
         job.join()
         self._job = None
 
