@@ -213,7 +213,7 @@ def _parse_metadata(
         raise CheckpointError(f"bad model config: {exc}") from exc
 
     text = metadata.get(VERSION_KEY, "")
-    if not text.isdecimal():
+    if not (text.isascii() and text.isdecimal()):
         raise CheckpointError(f"bad version {text!r}")
 
     try:
