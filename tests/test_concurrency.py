@@ -4,23 +4,28 @@ The real server process takes 50 uploads at once over gRPC, in the middle of an
 aggregation held open between its checkpoint and its commit, while a second
 process reads the same database through the run's read path in a tight loop.
 Nobody may see "database is locked": every upload is acknowledged, every read
-succeeds.
+succeeds. And one event loop holds a thousand open sessions at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
-from dragon.v1 import service_pb2
+from dragon.v1 import service_pb2, service_pb2_grpc
 from rpc_support import (
     Client,
+    ServerThread,
     SessionClient,
+    bearer,
     delayed_serve,
     home_state,
     new_key,
@@ -136,3 +141,53 @@ def test_fifty_uploads_during_an_aggregation_with_a_reader_process(
     assert started < versions[1]
     took, committed = finished - started, versions[1] - started
     print(f"uploads took {took:.2f} s; version 1 committed after {committed:.2f} s")
+
+
+@pytest.mark.slow
+def test_a_thousand_sessions_stay_open_at_once(rpc_server: ServerThread) -> None:
+    sessions = 1000
+    client = Client(rpc_server.address)
+    keys = [new_key() for _ in range(sessions)]
+    for key in keys:
+        client.register(key)
+
+    async def hold_all() -> tuple[int, int]:
+        channels = [grpc.aio.insecure_channel(rpc_server.address) for _ in range(4)]
+        stubs = [service_pb2_grpc.TrainingServiceStub(ch) for ch in channels]
+        release = asyncio.Event()
+        welcomed: list[str] = []
+
+        async def hold(
+            stub: service_pb2_grpc.TrainingServiceAsyncStub, key: str
+        ) -> None:
+            async def requests() -> AsyncIterator[service_pb2.SessionRequest]:
+                yield service_pb2.SessionRequest(hello=service_pb2.Hello())
+                await release.wait()
+
+            call = stub.Session(requests(), metadata=bearer(key), timeout=300)
+            first = await call.read()
+            welcomed.append(first.welcome.worker_id)
+            await release.wait()
+            call.cancel()
+
+        tasks = [
+            asyncio.create_task(hold(stubs[i % len(stubs)], key))
+            for i, key in enumerate(keys)
+        ]
+        deadline = time.monotonic() + 240
+        while len(welcomed) < sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        open_now = rpc_server.running.training.session_count
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+        return len(set(welcomed)), open_now
+
+    welcomed, open_now = asyncio.run(hold_all())
+    assert welcomed == sessions
+    assert open_now == sessions
+    deadline = time.monotonic() + 30
+    while rpc_server.running.training.session_count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rpc_server.running.training.session_count == 0
