@@ -23,8 +23,9 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import MakeUpdate, RegisterWorker
 
-from dragon_server.run import TrainingRun
+from dragon_server.run import TrainingRun, VersionRecord
 from dragon_server.server import start_dragon_server
 from dragon_worker.client import ServerClient
 from dragon_worker.config import WorkerConfig
@@ -64,6 +65,10 @@ class InProcessServer:
         self.loop.call_soon_threadsafe(
             self.running.training.drain, grace_seconds, "test drain"
         )
+
+    def publish(self, record: VersionRecord) -> None:
+        """Push a NewVersion to every session, as the maintenance loop does."""
+        self.loop.call_soon_threadsafe(self.running.training.publish_version, record)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
@@ -293,6 +298,52 @@ def test_second_signal_gives_the_lease_back_and_exits_at_once(
     assert "RELEASE_REASON_SHUTDOWN" in stderr
     stats = slow_server.run.network_stats()
     assert stats.accepted_update_count == 0
+
+
+@pytest.mark.slow
+def test_a_version_published_mid_lease_is_fetched_before_the_next_lease(
+    slow_server: InProcessServer,
+    tmp_path: Path,
+    register_worker: RegisterWorker,
+    make_update: MakeUpdate,
+) -> None:
+    state_dir = tmp_path / "worker"
+    proc = subprocess.Popen(
+        worker_command(slow_server.address, state_dir, "--max-leases", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_worker_env(),
+    )
+    try:
+        wait_for_progress(
+            state_dir,
+            lambda p: p["state"] == "training" and int(p["steps_done"]) >= 1,
+        )
+        # Another worker's update makes version 1 while this one trains.
+        other, _ = register_worker(slow_server.run, "other")
+        grant = slow_server.run.grant_lease(other)
+        assert grant is not None
+        frame, meta = make_update(slow_server.run, 0)
+        slow_server.run.submit_update(other, grant.lease_id, frame, meta)
+        published = slow_server.run.aggregate()
+        assert published is not None
+        slow_server.publish(published)
+        _, stderr = proc.communicate(timeout=WORKER_TIMEOUT_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    assert "version 1 published" in stderr
+    progress = read_progress(state_dir)
+    assert progress is not None
+    assert progress.leases_done == 2
+    assert progress.model_version == 1
+    v0 = slow_server.run.version(0).size_bytes
+    assert progress.bytes_down == v0 + published.size_bytes
+    assert WorkerState(state_dir).cached_versions() == [1]
 
 
 @pytest.mark.slow
