@@ -6,6 +6,7 @@ import hashlib
 import math
 import secrets
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,38 @@ def test_a_repeated_upload_is_acknowledged_and_counted_once(
     stats = training_run.worker_stats(worker)
     assert (stats.accepted_update_count, stats.token_count) == (1, meta.token_count)
     assert training_run.network_stats().uploaded_bytes == len(frame)
+
+
+def test_racing_uploads_of_one_lease_are_accepted_once(
+    training_run: TrainingRun, register_worker: RegisterWorker, make_update: MakeUpdate
+) -> None:
+    worker, _ = register_worker(training_run, "alice")
+    grant = training_run.grant_lease(worker)
+    assert grant is not None
+    frame, meta = make_update(training_run, 0)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            result = training_run.submit_update(worker, grant.lease_id, frame, meta)
+            results.append(result.duplicate)
+        except BaseException as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert sorted(results) == [False, True, True, True]
+    assert training_run._store.scalar("SELECT COUNT(*) FROM updates") == 1
+    assert training_run.worker_stats(worker).accepted_update_count == 1
+    assert [p.name for p in (training_run.home / "updates").iterdir()] == [
+        f"{grant.lease_id}.zst"
+    ]
 
 
 def _case(
