@@ -31,6 +31,7 @@ from forge.model import HRMSMoE, lm_loss
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, float], None]
+FLOAT32_LIMIT = 1e38  # below float32's largest finite value, about 3.4e38
 
 
 class TrainingStopped(Exception):  # noqa: N818 -- the agreed name
@@ -204,15 +205,7 @@ def evaluate(
 
 
 def _check_inputs(model: HRMSMoE, tokens: Tensor, recipe: TrainRecipe) -> Tensor:
-    if recipe.local_steps < 1 or recipe.batch_size < 1 or recipe.micro_batch_size < 1:
-        raise RecipeError(f"steps and batch sizes must be at least 1: {recipe}")
-    if not all(
-        math.isfinite(v)
-        for v in (recipe.learning_rate, recipe.weight_decay, recipe.grad_clip_norm)
-    ):
-        raise RecipeError(
-            f"learning rate, weight decay and clip must be finite: {recipe}"
-        )
+    _check_recipe(recipe)
     if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
         raise RecipeError(
             f"a lease needs tokens [S >= 1, L+1 >= 2], got {tokens.shape}"
@@ -228,6 +221,23 @@ def _check_inputs(model: HRMSMoE, tokens: Tensor, recipe: TrainRecipe) -> Tensor
     if int(ids.min()) < 0 or int(ids.max()) >= model.config.vocab_size:
         raise RecipeError(f"token ids must lie in [0, {model.config.vocab_size})")
     return ids
+
+
+def _check_recipe(recipe: TrainRecipe) -> None:
+    if recipe.local_steps < 1 or recipe.batch_size < 1 or recipe.micro_batch_size < 1:
+        raise RecipeError(f"steps and batch sizes must be at least 1: {recipe}")
+    # Comparisons written so that NaN fails them; the bounds keep every value
+    # representable in float32, which the fused optimizers require.
+    checks = {
+        "learning_rate": 0 < recipe.learning_rate <= FLOAT32_LIMIT,
+        "weight_decay": 0 <= recipe.weight_decay <= FLOAT32_LIMIT,
+        "beta1": 0 <= recipe.beta1 < 1,
+        "beta2": 0 <= recipe.beta2 < 1,
+        "grad_clip_norm": 0 <= recipe.grad_clip_norm <= FLOAT32_LIMIT,
+    }
+    for name, ok in checks.items():
+        if not ok:
+            raise RecipeError(f"{name} {getattr(recipe, name)!r} is out of range")
 
 
 def _snapshot(model: HRMSMoE) -> dict[str, Tensor]:

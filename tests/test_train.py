@@ -228,3 +228,28 @@ def test_evaluate_is_near_log_vocab_at_init_and_batch_independent() -> None:
     model.train()
     evaluate(model, tokens)
     assert model.training
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"local_steps": 0}, "at least 1"),
+        ({"learning_rate": 1e39}, "learning_rate"),
+        ({"learning_rate": math.nan}, "learning_rate"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"beta2": 1.0}, "beta2"),
+        ({"grad_clip_norm": math.inf}, "grad_clip_norm"),
+    ],
+    ids=[
+        "no-steps",
+        "lr-overflows-float32",
+        "lr-nan",
+        "negative-decay",
+        "beta2-one",
+        "clip-inf",
+    ],
+)
+def test_unusable_recipes_are_refused(changes: dict[str, float], match: str) -> None:
+    recipe = dataclasses.replace(RECIPE, **changes)  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match=match):
+        train_lease(build_model(TINY), lease_tokens(), recipe, device=CPU)
