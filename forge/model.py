@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -408,7 +410,7 @@ def lm_loss(model: HRMSMoE, tokens: Tensor) -> LossOutput:
 class StateLayout:
     """Names, shapes and ties of the trainable state a config's model has."""
 
-    shapes: dict[str, tuple[int, ...]]
+    shapes: Mapping[str, tuple[int, ...]]  # read-only: the layout is cached
     # Groups of state names that are one tensor (e.g. embedding and head), in
     # state-dict order; the first name of a group is its canonical one.
     ties: tuple[tuple[str, ...], ...]
@@ -424,4 +426,4 @@ def state_layout(config: ModelConfig) -> StateLayout:
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     ties = tuple(tuple(names) for names in groups.values() if len(names) > 1)
-    return StateLayout(shapes=shapes, ties=ties)
+    return StateLayout(shapes=MappingProxyType(shapes), ties=ties)
