@@ -8,6 +8,7 @@ them through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 import json
 import logging
@@ -221,6 +222,14 @@ class EventRecord:
 EventListener = Callable[[EventRecord], None]
 
 
+class RunState(enum.Enum):
+    """Where a :class:`TrainingRun` is in its life."""
+
+    SERVING = "serving"  # granting leases and accepting updates
+    DRAINING = "draining"  # accepting updates for granted leases, granting none
+    CLOSED = "closed"  # the store is closed
+
+
 class TrainingRun:
     """One training run in a server home."""
 
@@ -231,7 +240,7 @@ class TrainingRun:
         self._store = store
         self._tokens = TokenData(home / DATA_DIR, config.sequence_length)
         self._listeners: list[EventListener] = []
-        self._draining = False
+        self.state = RunState.SERVING
         self._aggregating = threading.Lock()
         self._rule = RobustRule.from_config(config)
         self._keys: dict[bytes, str] = {}  # key hash -> worker id, once verified
@@ -271,6 +280,7 @@ class TrainingRun:
 
     def close(self) -> None:
         """Close the store; the run must not be used afterwards."""
+        self.state = RunState.CLOSED
         self._store.close()
 
     # Admission.
@@ -423,7 +433,7 @@ class TrainingRun:
         Train batches go round-robin: the free batch trained the fewest times
         first, so every batch is trained once before any is trained again.
         """
-        if self._draining:
+        if self.state is not RunState.SERVING:
             raise Draining("the server is draining and grants no more leases")
         now = time.time()
         self.expire_leases(_utc(now))
@@ -949,13 +959,14 @@ class TrainingRun:
 
     def begin_drain(self) -> None:
         """Stop granting leases; updates for leases already granted are accepted."""
-        self._draining = True
+        if self.state is RunState.SERVING:
+            self.state = RunState.DRAINING
         logger.info("draining: no more leases are granted")
 
     @property
     def draining(self) -> bool:
         """True once :meth:`begin_drain` was called."""
-        return self._draining
+        return self.state is RunState.DRAINING
 
     # Stats and events.
 

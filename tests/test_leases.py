@@ -19,7 +19,7 @@ from dragon_server.errors import (
     WorkerNotFound,
 )
 from dragon_server.home import init_home
-from dragon_server.run import TrainingRun
+from dragon_server.run import RunState, TrainingRun
 from dragon_server.settings import RunConfig
 
 
@@ -211,9 +211,11 @@ def test_draining_stops_grants_but_not_submits(
     grant = training_run.grant_lease(worker)
     assert grant is not None
 
+    assert training_run.state is RunState.SERVING
     training_run.begin_drain()
 
     assert training_run.draining
+    assert training_run.state is RunState.DRAINING
     with pytest.raises(Draining) as caught:
         training_run.grant_lease(worker)
     assert caught.value.reason == "DRAINING"
