@@ -172,6 +172,8 @@ class Maintenance:
             logger.info("%d lease(s) expired and went back to the queue", expired)
         if self._run.draining or not await asyncio.to_thread(self._run.aggregation_due):
             return
+        if self.stopping.is_set():  # the drain began while the check ran
+            return
 
         started = time.monotonic()
         self.aggregation = in_daemon_thread(self._run.aggregate)
@@ -228,12 +230,14 @@ async def serve(
         maintenance.finish(grace), running.server.stop(grace)
     )
     await running.training.wait_closed()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
     if finished:
+        # The loop ends after its current step, none of which is a round now.
+        await task
         run.close()
     else:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         # The store commits a version in one transaction after its checkpoint is
         # renamed into place: abandoning the thread here loses the round, not data.
         logger.warning("aggregation still running at the end of the grace; abandoned")

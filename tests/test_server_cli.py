@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from dragon.v1 import service_pb2, types_pb2
-from rpc_support import Client, ServeProcess, new_key
+from rpc_support import (
+    Client,
+    ServeProcess,
+    delayed_serve,
+    home_state,
+    new_key,
+    valid_frame,
+)
 
 from dragon_server.cli import main
 from dragon_server.settings import RunConfig
@@ -141,3 +148,60 @@ def test_sigterm_drains_sessions_and_exits_zero(server_home: Path) -> None:
         log = server.log()
     assert "draining" in log
     assert lease.lease_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("pause", "grace", "published"),
+    [(3.0, 20.0, True), (120.0, 2.0, False)],
+    ids=["round-finishes-in-grace", "round-abandoned-at-grace"],
+)
+def test_sigterm_during_a_round_finishes_or_abandons_it(
+    server_home: Path, pause: float, grace: float, published: bool
+) -> None:
+    frame = valid_frame_for(server_home)  # before the server owns the home
+    settings = ("min_updates=1", f"drain_grace_seconds={grace}")
+    server, marker = delayed_serve(server_home, pause, *settings)
+    with server:
+        client = Client(server.address)
+        key = new_key()
+        client.register(key, "last")
+        session = client.session(key)
+        session.hello()
+        lease = session.lease()
+        assert session.upload(lease.lease_id, frame).WhichOneof("kind") == "ack"
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        session.close()
+        assert server.wait(grace + 30) == 0
+        took = time.monotonic() - started
+    assert took < min(pause, grace) + 10
+
+    versions = home_state(server_home)["versions"]
+    assert [row[0] for row in versions] == ([0, 1] if published else [0])
+    if not published:
+        # The abandoned round left a checkpoint without a row; the next open
+        # removes it and the update waits, pending, for the next round.
+        from dragon_server.run import TrainingRun
+
+        TrainingRun.open(server_home).close()
+        state = home_state(server_home)
+        assert sorted(state["files"]) == [
+            "checkpoints/v000000.safetensors",
+            f"updates/{lease.lease_id}.zst",
+        ]
+
+
+def valid_frame_for(home: Path) -> bytes:
+    from dragon_server.run import TrainingRun
+
+    run = TrainingRun.open(home)
+    try:
+        return valid_frame(run)
+    finally:
+        run.close()
