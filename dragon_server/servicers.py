@@ -183,18 +183,22 @@ class ModelServicer(service_pb2_grpc.ModelServiceServicer):
         record = await asyncio.to_thread(self._run.latest_version)
         return service_pb2.GetLatestVersionResponse(version=version_info(record))
 
+    async def _requested(
+        self, request: service_pb2.DownloadCheckpointRequest, context: Context
+    ) -> VersionRecord:
+        """The version a download asks for: the one named, or the latest."""
+        try:
+            if request.HasField("version"):
+                return await asyncio.to_thread(self._run.version, request.version)
+            return await asyncio.to_thread(self._run.latest_version)
+        except DragonError as exc:
+            await rpc_errors.abort(context, exc)
+
     @override
     async def DownloadCheckpoint(  # type: ignore[override]
         self, request: service_pb2.DownloadCheckpointRequest, context: Context
     ) -> AsyncIterator[service_pb2.DownloadCheckpointResponse | bytes]:
-        try:
-            if request.HasField("version"):
-                record = await asyncio.to_thread(self._run.version, request.version)
-            else:
-                record = await asyncio.to_thread(self._run.latest_version)
-        except DragonError as exc:
-            await rpc_errors.abort(context, exc)
-
+        record = await self._requested(request, context)
         offset = request.offset_bytes
         if offset > record.size_bytes:
             await context.abort(

@@ -147,7 +147,7 @@ class TrainingSession:
         await asyncio.to_thread(self.run.open_session, self.worker_id, hardware)
         latest = await asyncio.to_thread(self.run.latest_version)
         self.state = SessionState.OPEN
-        logger.info("worker %s connected (%s)", self.worker_id, hardware)
+        logger.debug("worker %s hardware: %s", self.worker_id, hardware)
         welcome = service_pb2.Welcome(
             worker_id=self.worker_id, latest_version=version_info(latest)
         )
@@ -162,7 +162,7 @@ class TrainingSession:
         self._uploads.clear()
         if was_open:
             await asyncio.to_thread(self.run.close_session, self.worker_id, reason)
-            logger.info("worker %s disconnected: %s", self.worker_id, reason)
+            logger.debug("session of worker %s closed: %s", self.worker_id, reason)
 
     def push(self, response: service_pb2.SessionResponse) -> None:
         """Queue a server-initiated message (a new version, a drain notice)."""
