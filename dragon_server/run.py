@@ -430,6 +430,8 @@ class TrainingRun:
     def grant_lease(self, worker_id: str) -> LeaseGrant | None:
         """Lease a free batch, or None when none is free; raises ``Draining``.
 
+        None also when the worker already holds ``max_leases_per_worker``.
+
         Train batches go round-robin: the free batch trained the fewest times
         first, so every batch is trained once before any is trained again.
         """
@@ -444,6 +446,8 @@ class TrainingRun:
                 "SELECT 1 FROM workers WHERE id = ?", (worker_id,)
             ).fetchone():
                 raise WorkerNotFound(f"no worker {worker_id}")
+            if self._at_lease_cap(conn, worker_id):
+                return None
             batch = conn.execute(
                 "SELECT id, first_sequence, count FROM batches AS b "
                 "WHERE split = 'train' AND NOT EXISTS (SELECT 1 FROM leases AS l "
@@ -477,6 +481,20 @@ class TrainingRun:
             deadline=_utc(deadline),
             heartbeat_interval_seconds=self.config.heartbeat_seconds,
         )
+
+    def _at_lease_cap(self, conn: sqlite3.Connection, worker_id: str) -> bool:
+        # One worker must not hoard the queue; a worker trains one lease at a
+        # time, so a few in hand already cover retries and restarts.
+        cap = self.config.max_leases_per_worker
+        if cap == 0:
+            return False
+        held = conn.execute(
+            "SELECT COUNT(*) FROM leases WHERE worker_id = ? AND state = 'granted'",
+            (worker_id,),
+        ).fetchone()[0]
+        if held >= cap:
+            logger.info("worker %s already holds %d leases", worker_id, held)
+        return bool(held >= cap)
 
     def _recipe(self, lease_id: str) -> Recipe:
         c = self.config

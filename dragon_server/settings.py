@@ -67,6 +67,7 @@ class RunConfig:
     # Leases.
     lease_seconds: float = 600.0
     heartbeat_seconds: float = 30.0
+    max_leases_per_worker: int = 4  # granted leases one worker may hold; 0 = any
 
     # Aggregation.
     min_updates: int = 4
@@ -127,6 +128,7 @@ class RunConfig:
             "reject_norm_sigma",
             "byzantine_workers",
             "multi_krum_selected",
+            "max_leases_per_worker",
         )
         for name in not_negative:
             if getattr(self, name) < 0:

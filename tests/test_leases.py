@@ -226,6 +226,25 @@ def test_draining_stops_grants_but_not_submits(
     )
 
 
+def test_one_worker_cannot_hoard_the_queue(
+    server_home: Path, register_worker: RegisterWorker
+) -> None:
+    run = TrainingRun.open(server_home, {"max_leases_per_worker": 2})
+    try:
+        alice, _ = register_worker(run, "alice")
+        bob, _ = register_worker(run, "bob")
+        first, second = run.grant_lease(alice), run.grant_lease(alice)
+        assert first is not None
+        assert second is not None
+
+        assert run.grant_lease(alice) is None
+        assert run.grant_lease(bob) is not None
+        run.release_lease(alice, first.lease_id, "SHUTDOWN")
+        assert run.grant_lease(alice) is not None
+    finally:
+        run.close()
+
+
 def test_an_unknown_worker_gets_no_lease(training_run: TrainingRun) -> None:
     with pytest.raises(WorkerNotFound):
         training_run.grant_lease("w0000000000000000")
