@@ -34,6 +34,8 @@ def server_config() -> RunConfig:
         min_updates=2,
         pow_difficulty_bits=4,
         lease_seconds=60.0,
+        # Some tests drain the whole queue with one worker.
+        max_leases_per_worker=0,
     )
 
 
