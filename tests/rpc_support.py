@@ -75,8 +75,10 @@ def bearer(api_key: str) -> tuple[tuple[str, str]]:
 class Client:
     """A worker's stubs on one channel."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+    def __init__(self, address: str, options: Sequence[tuple[str, int]] = ()) -> None:
+        self.channel = grpc.insecure_channel(
+            address, options=[*CLIENT_OPTIONS, *options]
+        )
         self.registration = service_pb2_grpc.RegistrationServiceStub(self.channel)
         self.model = service_pb2_grpc.ModelServiceStub(self.channel)
         self.training = service_pb2_grpc.TrainingServiceStub(self.channel)

@@ -477,3 +477,24 @@ def test_random_update_helper_covers_the_spec(rpc_server: ServerThread) -> None:
     update = random_update(rpc_server.run.spec, seed=3)
     assert set(update) == set(rpc_server.run.spec)
     assert all(isinstance(tensor, torch.Tensor) for tensor in update.values())
+
+
+def test_frequent_keepalive_pings_do_not_end_an_idle_session(
+    rpc_server: ServerThread,
+) -> None:
+    # Pings every second, more often than any worker would: with the server's
+    # defaults (two strikes below a 5 minute interval) this earns a GOAWAY.
+    options = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    client = Client(rpc_server.address, options=options)
+    key = new_key()
+    client.register(key, "pinger")
+    session = client.session(key)
+    session.hello()
+    time.sleep(6)
+    assert session.lease().lease_id
+    session.close()
