@@ -70,8 +70,9 @@ from dragon_server.settings import RunConfig
 from dragon_server.store import Row, Store
 from forge import codec, pow, safefile
 from forge.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
-from forge.codec import SparseUpdate, decode_update, max_frame_bytes, spec_of
+from forge.codec import SparseUpdate, decode_update, max_frame_bytes
 from forge.config import ModelConfig
+from forge.model import state_layout
 from forge.train import evaluate
 
 logger = logging.getLogger(__name__)
@@ -246,8 +247,13 @@ class TrainingRun:
         self._keys: dict[bytes, str] = {}  # key hash -> worker id, once verified
 
         latest = self.latest_version()
-        tensors = load_checkpoint(latest.checkpoint_path).tensors
-        self.spec: dict[str, tuple[int, ...]] = spec_of(tensors)
+        path = latest.checkpoint_path
+        if not path.is_file() or path.stat().st_size != latest.size_bytes:
+            raise ConfigInvalid(f"{path} is missing or damaged: the home is broken")
+        # Names and shapes of the model's state: what an update may hold.
+        self.spec: dict[str, tuple[int, ...]] = dict(
+            state_layout(self.model_config).shapes
+        )
         self.max_density = min(1.0, config.density * DENSITY_SLACK)
         self.max_update_bytes = config.max_update_bytes or max_frame_bytes(
             self.spec, self.max_density

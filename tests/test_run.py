@@ -159,6 +159,12 @@ def test_init_home_refuses_a_used_folder_and_cleans_up_on_failure(
     assert not (tmp_path / "new").exists()
 
 
+def test_a_home_without_its_latest_checkpoint_is_refused(server_home: Path) -> None:
+    (server_home / "checkpoints" / "v000000.safetensors").unlink()
+    with pytest.raises(ConfigInvalid, match="missing or damaged"):
+        TrainingRun.open(server_home)
+
+
 def test_fields_that_shape_the_data_cannot_change_on_open(server_home: Path) -> None:
     with pytest.raises(ConfigInvalid, match="sequence_length is fixed"):
         TrainingRun.open(server_home, {"sequence_length": 16})
