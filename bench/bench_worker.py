@@ -11,7 +11,9 @@ backward, clip, ``AdamW.step``. ``worker`` is what the daemon does for a lease:
 callback, while the main thread polls and builds a heartbeat every interval,
 then ``forge.codec.encode_update`` of the pseudo-gradient with the residual.
 The table gives training tokens per second of each, their ratio, and the encode
-time as a share of the whole lease.
+time as a share of the whole lease. On a machine shared with other busy
+processes pass ``--threads 1``: OpenMP teams spinning against each other make
+multi-threaded timings swing by an order of magnitude.
 """
 
 from __future__ import annotations

@@ -128,6 +128,9 @@ def run_worker(
 def _worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRAGON_WORKER_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # One intra-op thread: on a busy 2-core machine, spinning OpenMP teams of
+    # several processes slow each other down many times over.
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
