@@ -185,7 +185,13 @@ def _documents(path: Path) -> Iterator[str]:
             raw = stack.enter_context(path.open("rb"))
             handle = _open_text(raw, compression, stack)
             if fmt == "text":
-                yield handle.read()
+                text = handle.read()
+                # A NUL among the first bytes marks a binary file (an image, an
+                # archive) that a folder of text happened to hold.
+                if "\x00" in text[:8192]:
+                    logger.info("skipping %s: binary, not text", path)
+                    return
+                yield text
                 return
             for number, line in enumerate(handle, start=1):
                 if line.strip():

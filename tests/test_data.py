@@ -54,6 +54,7 @@ def test_a_folder_is_walked_recursively_in_name_order(tmp_path: Path) -> None:
     (corpus / "a.txt").write_text("A")
     (corpus / "sub" / "c.txt").write_text("C")
     (corpus / ".hidden").write_text("H")
+    (corpus / "sub" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     data = tmp_path / "data"
 
     documents, rows = _ingest([corpus], data, 1)
