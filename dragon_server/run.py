@@ -523,18 +523,17 @@ class TrainingRun:
 
     def _held_lease(
         self, conn: sqlite3.Connection, worker_id: str, lease_id: str
-    ) -> sqlite3.Row | tuple[Any, ...]:
-        """(state, deadline, model_version, batch_id) of a lease the worker holds."""
+    ) -> tuple[str, float]:
+        """(state, deadline) of a lease the worker holds."""
         row = conn.execute(
-            "SELECT state, deadline, model_version, batch_id, worker_id "
-            "FROM leases WHERE id = ?",
+            "SELECT state, deadline, worker_id FROM leases WHERE id = ?",
             (lease_id,),
         ).fetchone()
         if row is None:
             raise LeaseNotFound(f"lease {lease_id!r} is not known")
-        if row[4] != worker_id:
+        if row[2] != worker_id:
             raise NotLeaseHolder(f"lease {lease_id} belongs to another worker")
-        return tuple(row)
+        return str(row[0]), float(row[1])
 
     def heartbeat(
         self,
@@ -548,7 +547,7 @@ class TrainingRun:
         now = time.time()
         deadline = now + self.config.lease_seconds
         with self._store.write() as conn:
-            state, old_deadline, *_ = self._held_lease(conn, worker_id, lease_id)
+            state, old_deadline = self._held_lease(conn, worker_id, lease_id)
             if state != "granted" or old_deadline < now:
                 raise LeaseExpired(f"lease {lease_id} is {_lease_word(state)}")
             conn.execute(
@@ -576,7 +575,7 @@ class TrainingRun:
         """
         state_after = "failed" if "FAIL" in reason.upper() else "released"
         with self._store.write() as conn:
-            state, *_ = self._held_lease(conn, worker_id, lease_id)
+            state, _ = self._held_lease(conn, worker_id, lease_id)
             if state != "granted":
                 return
             conn.execute(
@@ -620,7 +619,7 @@ class TrainingRun:
         self, worker_id: str, lease_id: str, frame: bytes, meta: UpdateMeta
     ) -> SubmitResult:
         with self._store.read() as conn:
-            state, deadline, *_ = self._held_lease(conn, worker_id, lease_id)
+            state, deadline = self._held_lease(conn, worker_id, lease_id)
         if state == "accepted":
             return SubmitResult(duplicate=True)
         if state != "granted" or deadline < time.time():
@@ -685,7 +684,7 @@ class TrainingRun:
             with self._store.write() as conn:
                 # Checked again under the write lock: a concurrent upload for the
                 # same lease may have been accepted since the first look.
-                state, deadline, *_ = self._held_lease(conn, worker_id, lease_id)
+                state, deadline = self._held_lease(conn, worker_id, lease_id)
                 if state == "accepted":
                     return SubmitResult(duplicate=True)
                 if state != "granted" or deadline < now:
@@ -729,6 +728,9 @@ class TrainingRun:
         dense_bytes: int,
     ) -> None:
         now = time.time()
+        # Tokens count towards the leaderboard: no more than the recipe trains.
+        c = self.config
+        tokens = min(meta.token_count, c.local_steps * c.batch_size * c.sequence_length)
         conn.execute(
             "INSERT INTO updates (lease_id, worker_id, base_version, path, size, "
             "sha256, samples, tokens, loss_before, loss_after, train_seconds, "
@@ -742,7 +744,7 @@ class TrainingRun:
                 meta.size_bytes,
                 meta.sha256,
                 meta.sample_count,
-                meta.token_count,
+                tokens,
                 meta.loss_before,
                 meta.loss_after,
                 meta.train_seconds,
@@ -763,7 +765,7 @@ class TrainingRun:
             "UPDATE workers SET accepted_updates = accepted_updates + 1, "
             "token_count = token_count + ?, uploaded_bytes = uploaded_bytes + ?, "
             "last_seen_at = ? WHERE id = ?",
-            (meta.token_count, meta.size_bytes, now, worker_id),
+            (tokens, meta.size_bytes, now, worker_id),
         )
 
     def _record_rejection(

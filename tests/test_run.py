@@ -243,6 +243,28 @@ def test_a_repeated_upload_is_acknowledged_and_counted_once(
     assert training_run.network_stats().uploaded_bytes == len(frame)
 
 
+def test_claims_beyond_the_recipe_count_for_no_more_than_it(
+    training_run: TrainingRun, register_worker: RegisterWorker, make_update: MakeUpdate
+) -> None:
+    worker, _ = register_worker(training_run, "boaster")
+    grant = training_run.grant_lease(worker)
+    assert grant is not None
+    frame, meta = make_update(training_run, 0, samples=10**6)
+    boast = replace(meta, token_count=10**9)
+    training_run.submit_update(worker, grant.lease_id, frame, boast)
+
+    record = training_run.aggregate()
+
+    c = training_run.config
+    assert c.local_steps * c.batch_size * c.sequence_length == 256
+    assert training_run.worker_stats(worker).token_count == 256
+    assert record is not None
+    assert record.token_count == 256
+    # The weight is capped too: at local_steps * batch_size samples.
+    weight = training_run._store.scalar("SELECT weight FROM updates")
+    assert weight == c.local_steps * c.batch_size == 8
+
+
 def test_racing_uploads_of_one_lease_are_accepted_once(
     training_run: TrainingRun, register_worker: RegisterWorker, make_update: MakeUpdate
 ) -> None:
