@@ -58,7 +58,6 @@ CREATE TABLE batches (
     split TEXT NOT NULL CHECK (split IN ('train', 'validation')),
     trained_count INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX batches_by_queue ON batches (split, trained_count, id);
 CREATE TABLE leases (
     id TEXT PRIMARY KEY,
     batch_id INTEGER NOT NULL REFERENCES batches(id),
@@ -115,9 +114,19 @@ def _migrate_v1(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+def _migrate_v2(conn: sqlite3.Connection) -> None:
+    # The lease queue picks the least-trained free batch; stats count events by
+    # kind. Both scanned whole tables without these.
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS batches_by_queue "
+        "ON batches (split, trained_count, id)"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind)")
+
+
 # Migration i (0-based) brings a file from schema version i to i + 1. Append
 # new ones; never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

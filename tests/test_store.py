@@ -35,8 +35,15 @@ def _tables(path: Path) -> set[str]:
 def test_new_file_is_migrated_to_the_current_schema(tmp_path: Path) -> None:
     store = Store(tmp_path / "dragon.db")
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 1
+        assert store.schema_version() == SCHEMA_VERSION == 2
         assert _tables(tmp_path / "dragon.db") == TABLES
+        indexes = {
+            row["name"]
+            for row in store.query(
+                "SELECT name FROM sqlite_master WHERE type = 'index'"
+            )
+        }
+        assert {"batches_by_queue", "events_by_kind", "leases_by_batch"} <= indexes
     finally:
         store.close()
 
@@ -59,7 +66,7 @@ def test_reopening_keeps_rows_and_does_not_migrate_again(tmp_path: Path) -> None
 
     again = Store(tmp_path / "dragon.db")
     try:
-        assert again.schema_version() == 1
+        assert again.schema_version() == 2
         assert again.query("SELECT time, kind FROM events") == [
             {"time": 1.5, "kind": "x"}
         ]
@@ -78,12 +85,30 @@ def test_a_later_migration_runs_once_on_an_old_file(
     monkeypatch.setattr(
         store_module, "MIGRATIONS", [*store_module.MIGRATIONS, add_column]
     )
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+    store = Store(tmp_path / "dragon.db")
+    try:
+        assert store.schema_version() == 3
+        columns = [row["name"] for row in store.query("PRAGMA table_info(workers)")]
+        assert "country" in columns
+    finally:
+        store.close()
+    Store(tmp_path / "dragon.db").close()  # a second ALTER would raise
+
+
+def test_a_version_one_file_gains_the_indexes_of_version_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
+    Store(tmp_path / "dragon.db").close()
+    monkeypatch.undo()
+
     store = Store(tmp_path / "dragon.db")
     try:
         assert store.schema_version() == 2
-        columns = [row["name"] for row in store.query("PRAGMA table_info(workers)")]
-        assert "country" in columns
+        names = [r["name"] for r in store.query("PRAGMA index_list(events)")]
+        assert "events_by_kind" in names
     finally:
         store.close()
 
