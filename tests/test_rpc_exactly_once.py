@@ -68,7 +68,7 @@ def test_a_repeated_upload_is_acknowledged_as_duplicate_and_counted_once(
     assert rpc_server.run.aggregate() is None
 
 
-@pytest.mark.parametrize("rpc_server", [{"lease_seconds": 1.0}], indirect=True)
+@pytest.mark.parametrize("rpc_server", [{"lease_seconds": 2.0}], indirect=True)
 def test_an_expired_lease_regranted_to_another_worker_counts_once(
     rpc_server: ServerThread, server_home: Path
 ) -> None:
@@ -78,20 +78,21 @@ def test_an_expired_lease_regranted_to_another_worker_counts_once(
     _, fast = joined(client, "fast")
     before = load_checkpoint(run.latest_version().checkpoint_path).tensors
 
+    frame_b, frame_c = valid_frame(run, seed=2), valid_frame(run, seed=3)
+    frame_late = valid_frame(run, seed=4)
+
     abandoned = slow.lease()
-    time.sleep(1.3)
+    time.sleep(2.3)
     assert run.expire_leases() == 1
     regranted = fast.lease()
     assert regranted.batch.batch_id == abandoned.batch.batch_id
     other = fast.lease()
-
-    frame_b, frame_c = valid_frame(run, seed=2), valid_frame(run, seed=3)
     acks = [
         fast.upload(regranted.lease_id, frame_b, sample_count=4),
         fast.upload(other.lease_id, frame_c, sample_count=2),
     ]
     assert [ack.WhichOneof("kind") for ack in acks] == ["ack", "ack"]
-    late = slow.upload(abandoned.lease_id, valid_frame(run, seed=4), sample_count=8)
+    late = slow.upload(abandoned.lease_id, frame_late, sample_count=8)
     assert late.rejection.reason == types_pb2.REJECT_REASON_LEASE_EXPIRED
     assert len(home_state(server_home)["updates"]) == 2
 

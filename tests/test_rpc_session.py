@@ -31,7 +31,10 @@ from rpc_support import (
     valid_frame,
 )
 
+from dragon_server.home import init_home
+from dragon_server.run import TrainingRun
 from dragon_server.server import Maintenance
+from dragon_server.settings import RunConfig
 from forge import safefile
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -131,12 +134,13 @@ def test_two_leases_hold_different_batches(session: SessionClient) -> None:
     assert first.batch.batch_id != second.batch.batch_id
 
 
-@pytest.mark.parametrize("rpc_server", [{"lease_seconds": 2.0}], indirect=True)
+@pytest.mark.parametrize("rpc_server", [{"lease_seconds": 3.0}], indirect=True)
 def test_heartbeats_extend_a_lease_and_silence_lets_it_expire(
     session: SessionClient, rpc_server: ServerThread
 ) -> None:
+    frame = valid_frame(rpc_server.run)
     kept, dropped = session.lease(), session.lease()
-    for _ in range(3):
+    for _ in range(5):
         time.sleep(0.8)
         beat = service_pb2.Heartbeat(
             lease_id=kept.lease_id, steps_done=1, steps_total=2, loss=5.0
@@ -144,8 +148,7 @@ def test_heartbeats_extend_a_lease_and_silence_lets_it_expire(
         session.send(heartbeat=beat)
     assert session.nothing_pending()  # a heartbeat that extends needs no answer
 
-    # 2.7 s after the grant: only the lease that heard heartbeats is alive.
-    frame = valid_frame(rpc_server.run)
+    # 4 s after the grant: only the lease that heard heartbeats is alive.
     assert session.upload(kept.lease_id, frame).WhichOneof("kind") == "ack"
     rejected(
         session.upload(dropped.lease_id, frame),
@@ -424,17 +427,34 @@ def test_a_released_lease_is_acknowledged_and_its_batch_returns(
 
 
 def test_no_free_batch_gives_no_lease_with_a_retry_time(
-    session: SessionClient, rpc_server: ServerThread, client: Client
+    tmp_path: Path, server_config: RunConfig
 ) -> None:
-    run = rpc_server.run
-    hoarder = new_key()
-    hoarder_id = client.register(hoarder, "hoarder")
-    while run.grant_lease(hoarder_id) is not None:
-        pass
-    session.send(lease_request=service_pb2.LeaseRequest())
-    no_lease = session.expect("no_lease")
-    assert no_lease.retry_after.ToTimedelta().total_seconds() > 0
-    assert no_lease.reason
+    # A home of a few batches, so that leasing every one of them is quick.
+    home = tmp_path / "small-home"
+    small = server_config.replace(max_corpus_bytes=4000, lease_seconds=3600.0)
+    init_home(home, [], small, progress=False)
+    run = TrainingRun.open(home)
+    server = ServerThread(run)
+    try:
+        client = Client(server.address)
+        hoarder, key = new_key(), new_key()
+        hoarder_id = client.register(hoarder, "hoarder")
+        client.register(key, "latecomer")
+        held = 0
+        while run.grant_lease(hoarder_id) is not None:
+            held += 1
+        assert 0 < held < 100
+
+        session = client.session(key)
+        session.hello()
+        session.send(lease_request=service_pb2.LeaseRequest())
+        no_lease = session.expect("no_lease")
+        assert no_lease.retry_after.ToTimedelta().total_seconds() > 0
+        assert no_lease.reason
+        session.close()
+    finally:
+        server.stop()
+        run.close()
 
 
 def test_draining_refuses_leases_and_pushes_a_drain_notice(
