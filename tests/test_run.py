@@ -41,7 +41,7 @@ from dragon_server.settings import RunConfig
 from forge import pow
 from forge.checkpoint import load_checkpoint, model_from_checkpoint
 from forge.codec import encode_update
-from forge.train import evaluate
+from forge.train import TrainRecipe, evaluate, train_lease
 
 # --- helpers -----------------------------------------------------------------
 
@@ -460,6 +460,49 @@ def test_aggregation_publishes_a_version_with_its_validation_loss(
     assert [e.kind for e in events] == ["version_published", "aggregation_done"]
     assert list((training_run.home / "updates").iterdir()) == []  # frames applied
     assert training_run.aggregate() is None  # nothing pending any more
+
+
+def test_a_real_trained_update_lowers_the_validation_loss(
+    server_home: Path, register_worker: RegisterWorker
+) -> None:
+    # Dense updates and plain averaging: version 1 is exactly the worker's
+    # trained model, so the sign of the pseudo-gradient shows in the loss.
+    overrides = {"density": 1.0, "local_steps": 6, "learning_rate": 1e-2}
+    run = TrainingRun.open(server_home, overrides)
+    try:
+        worker, _ = register_worker(run, "alice")
+        grant = run.grant_lease(worker)
+        assert grant is not None
+        model = model_from_checkpoint(
+            load_checkpoint(run.latest_version().checkpoint_path)
+        )
+        r = grant.recipe
+        recipe = TrainRecipe(
+            r.local_steps,
+            r.batch_size,
+            r.micro_batch_size,
+            r.learning_rate,
+            r.weight_decay,
+            r.beta1,
+            r.beta2,
+            r.grad_clip_norm,
+            r.seed,
+        )
+        tokens = torch.from_numpy(grant.tokens.astype("int64"))
+        result = train_lease(model, tokens, recipe, device=torch.device("cpu"))
+        frame = encode_update(result.pseudo_gradient, None, r.density, "fp32").frame
+        meta = _meta(frame, sample_count=result.sample_count)
+        run.submit_update(worker, grant.lease_id, frame, meta)
+
+        record = run.aggregate()
+
+        assert record is not None
+        before = run.version(0).validation_loss
+        assert record.validation_loss < before - 0.05
+        trained = evaluate(model, run.validation_tokens())
+        assert record.validation_loss == pytest.approx(trained, abs=1e-4)
+    finally:
+        run.close()
 
 
 def test_the_new_weights_are_the_old_minus_the_mean_update(
