@@ -116,6 +116,16 @@ class LeaseOutcome:
     reason: str
 
 
+@dataclass(frozen=True)
+class PendingUpload:
+    """A trained lease whose update the server has not answered yet."""
+
+    lease: types_pb2.Lease
+    result: TrainResult
+    # Encoded once: a repeat must send the same frame the residual was cut from.
+    encoded: codec.EncodedUpdate | None = None
+
+
 def batch_tokens(batch: types_pb2.Batch) -> torch.Tensor:
     """The batch's token ids as int64 ``[S, L + 1]``."""
     dtype = _TOKEN_DTYPES.get(batch.token_encoding)
@@ -242,6 +252,9 @@ class Worker:
         self._latest_version: int | None = None
         self._drain_deadline: float | None = None
         self._job: TrainingJob | None = None
+        # Lives in memory only: after a restart the lease expires on the server
+        # and the residual on disk is still the one before this update.
+        self._pending: PendingUpload | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -365,6 +378,14 @@ class Worker:
         try:
             self._hello(session)
             backoff.reset()
+            if self._pending is not None:
+                pending = self._pending
+                logger.info(
+                    "sending the update for lease %s again", pending.lease.lease_id
+                )
+                self.outcomes.append(
+                    self._finish_lease(session, pending.lease, pending.result)
+                )
             while not self._done():
                 if self._drain_deadline is not None:
                     raise ServerDrainingError("the server is draining")
@@ -578,6 +599,13 @@ class Worker:
             return self._release(
                 session, lease_id, service_pb2.RELEASE_REASON_SHUTDOWN, why
             )
+        return self._finish_lease(session, lease, result)
+
+    def _finish_lease(
+        self, session: SessionStream, lease: types_pb2.Lease, result: TrainResult
+    ) -> LeaseOutcome:
+        """Upload a trained lease, or give it back when it must not be sent."""
+        lease_id = lease.lease_id
         if not is_finite_update(result.pseudo_gradient):
             return self._release(
                 session,
@@ -592,7 +620,33 @@ class Worker:
                 service_pb2.RELEASE_REASON_SHUTDOWN,
                 "drain grace over",
             )
-        return self._upload(session, lease, recipe, result)
+        # Kept until the server's verdict: a connection lost before it makes
+        # the next connection send the same update again (the server counts a
+        # repeat once).
+        pending = self._pending
+        if (
+            pending is None
+            or pending.lease.lease_id != lease_id
+            or pending.encoded is None
+        ):
+            pending = PendingUpload(lease, result, self._encode(lease, result))
+        self._pending = pending
+        assert pending.encoded is not None
+        outcome = self._upload(session, lease, result, pending.encoded)
+        self._pending = None
+        return outcome
+
+    def _encode(
+        self, lease: types_pb2.Lease, result: TrainResult
+    ) -> codec.EncodedUpdate:
+        density = update_density(lease.recipe, self.config.density)
+        value_dtype = _VALUE_DTYPES.get(lease.recipe.value_dtype, "fp16")
+        return codec.encode_update(
+            result.pseudo_gradient,
+            self.residual_for(result.pseudo_gradient),
+            density,
+            value_dtype,
+        )
 
     def _train(
         self,
@@ -608,17 +662,31 @@ class Worker:
         interval = _seconds(lease.heartbeat_interval, DEFAULT_HEARTBEAT_SECONDS)
         next_heartbeat = time.monotonic() + interval
         last_written, written_at = job.progress, 0.0
+        lost: ServerUnavailableError | None = None
         job.start()
         while job.alive():
             if self.lifecycle == Lifecycle.ABORTING or self._drain_expired():
                 job.stop.set()
                 if self.lifecycle == Lifecycle.ABORTING:
                     return None  # leave at once; the thread dies with the process
-            message = self._receive(session, POLL_SECONDS)
-            if message is not None:
-                self._on_message_while_training(message, lease.lease_id, job)
+            if lost is not None:
+                job.join(POLL_SECONDS)
+            else:
+                try:
+                    message = self._receive(session, POLL_SECONDS)
+                except ServerUnavailableError as exc:
+                    logger.warning(
+                        "session lost while training lease %s (%s); finishing it "
+                        "to upload after reconnecting",
+                        lease.lease_id,
+                        exc,
+                    )
+                    lost = exc
+                    message = None
+                if message is not None:
+                    self._on_message_while_training(message, lease.lease_id, job)
             progress = job.progress
-            if time.monotonic() >= next_heartbeat:
+            if lost is None and time.monotonic() >= next_heartbeat:
                 self._heartbeat(session, lease.lease_id, progress)
                 next_heartbeat = time.monotonic() + interval
             now = time.monotonic()
@@ -636,6 +704,9 @@ class Worker:
                 f"{type(job.error).__name__}: {job.error}"
             ) from job.error
         assert job.result is not None
+        if lost is not None:
+            self._pending = PendingUpload(lease, job.result)
+            raise lost
         return job.result
 
     def _drain_expired(self) -> bool:
@@ -717,19 +788,11 @@ class Worker:
         self,
         session: SessionStream,
         lease: types_pb2.Lease,
-        recipe: TrainRecipe,
         result: TrainResult,
+        encoded: codec.EncodedUpdate,
     ) -> LeaseOutcome:
         lease_id = lease.lease_id
-        self._set_activity(Activity.UPLOADING)
-        density = update_density(lease.recipe, self.config.density)
-        value_dtype = _VALUE_DTYPES.get(lease.recipe.value_dtype, "fp16")
-        encoded = codec.encode_update(
-            result.pseudo_gradient,
-            self.residual_for(result.pseudo_gradient),
-            density,
-            value_dtype,
-        )
+        self._set_activity(Activity.UPLOADING, current_lease_id=lease_id)
         frame = encoded.frame
         for offset in range(0, len(frame), UPDATE_CHUNK_BYTES):
             chunk = service_pb2.UpdateChunk(

@@ -71,6 +71,9 @@ class InProcessServer:
         self.loop.call_soon_threadsafe(self.running.training.publish_version, record)
 
     def stop(self) -> None:
+        """Stop the server and close its run; a second call does nothing."""
+        if self.loop.is_closed():
+            return
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
@@ -347,6 +350,54 @@ def test_a_version_published_mid_lease_is_fetched_before_the_next_lease(
     v0 = slow_server.run.version(0).size_bytes
     assert progress.bytes_down == v0 + published.size_bytes
     assert WorkerState(state_dir).cached_versions() == [1]
+
+
+def test_update_trained_across_a_server_restart_is_sent_after_reconnecting(
+    slow_server: InProcessServer, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "worker"
+    env = {**_worker_env(), "DRAGON_WORKER_BACKOFF_INITIAL_SECONDS": "0.2"}
+    env["DRAGON_WORKER_BACKOFF_MAX_SECONDS"] = "1"
+    proc = subprocess.Popen(
+        worker_command(slow_server.address, state_dir, "--max-leases", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    home = slow_server.run.home
+    try:
+        wait_for_progress(
+            state_dir,
+            lambda p: p["state"] == "training" and int(p["steps_done"]) >= 1,
+        )
+        # The server goes away mid-lease and comes back on the same address.
+        slow_server.stop()
+        restarted = InProcessServer(
+            home,
+            {**SERVER_OVERRIDES, "local_steps": SLOW_LEASE_STEPS},
+            slow_server.address,
+        )
+        try:
+            _, stderr = proc.communicate(timeout=WORKER_TIMEOUT_SECONDS)
+            stats = restarted.run.network_stats()
+        finally:
+            restarted.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, stderr
+    assert "session lost while training" in stderr
+    assert "sending the update for lease" in stderr
+    # The lease trained before the restart was accepted; no second one was needed.
+    assert stats.accepted_update_count == 1
+    assert stats.lease_count == 1
+    progress = read_progress(state_dir)
+    assert progress is not None
+    assert progress.leases_done == 1
+    assert progress.tokens == SLOW_LEASE_STEPS * 4 * 32
 
 
 @pytest.mark.slow
