@@ -104,12 +104,10 @@ def save_checkpoint(
 def load_checkpoint(source: Path | str | bytes | bytearray | memoryview) -> Checkpoint:
     """Read and validate a checkpoint from a file path or from its bytes."""
     try:
-        # Whole-file read rather than safefile.load_file's memory map: a map
-        # cannot close while a failed parse's traceback still holds a view of it
-        # (BufferError instead of the parse error).
-        # TODO: go back to load_file once it releases its view before raising.
-        data = Path(source).read_bytes() if isinstance(source, Path | str) else source
-        stored, metadata = safefile.loads(data)
+        if isinstance(source, Path | str):
+            stored, metadata = safefile.load_file(source)
+        else:
+            stored, metadata = safefile.loads(source)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {source!r}: {exc}") from exc
     except safefile.SafeFileError as exc:

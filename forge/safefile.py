@@ -212,5 +212,15 @@ def load_file(
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
             raise SafeFileError(f"{path} is empty")
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return loads(mapped, max_header_bytes=max_header_bytes)
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            result = loads(mapped, max_header_bytes=max_header_bytes)
+        except SafeFileError as exc:
+            message = str(exc)
+        else:
+            mapped.close()
+            return result
+    # Only now is the failed parse's traceback gone, and with it the last view of
+    # the map, so that the map can close.
+    mapped.close()
+    raise SafeFileError(f"{path}: {message}")

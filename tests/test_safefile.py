@@ -159,3 +159,11 @@ def test_absurd_header_length_is_rejected_before_reading_it() -> None:
 
     with pytest.raises(safefile.SafeFileError, match="exceeds the 16 bytes"):
         safefile.read_header(data)
+
+
+def test_malformed_file_is_a_safefile_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\xff" * 8 + b"{}")
+
+    with pytest.raises(safefile.SafeFileError, match="exceeds 16777216"):
+        safefile.load_file(path)
