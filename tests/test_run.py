@@ -467,7 +467,7 @@ def test_a_real_trained_update_lowers_the_validation_loss(
 ) -> None:
     # Dense updates and plain averaging: version 1 is exactly the worker's
     # trained model, so the sign of the pseudo-gradient shows in the loss.
-    overrides = {"density": 1.0, "local_steps": 6, "learning_rate": 1e-2}
+    overrides = {"density": 1.0, "local_steps": 4, "learning_rate": 1e-2}
     run = TrainingRun.open(server_home, overrides)
     try:
         worker, _ = register_worker(run, "alice")
@@ -498,7 +498,7 @@ def test_a_real_trained_update_lowers_the_validation_loss(
 
         assert record is not None
         before = run.version(0).validation_loss
-        assert record.validation_loss < before - 0.05
+        assert record.validation_loss < before - 0.5  # 5.30 -> 3.66 measured
         trained = evaluate(model, run.validation_tokens())
         assert record.validation_loss == pytest.approx(trained, abs=1e-4)
     finally:
