@@ -570,10 +570,11 @@ class TrainingRun:
     def release_lease(self, worker_id: str, lease_id: str, reason: str) -> None:
         """Give a lease back so that its batch returns to the queue at once.
 
-        ``reason`` is a ``ReleaseReason`` name (e.g. "FAILED", "SHUTDOWN") or
-        words; releasing a lease that already ended changes nothing.
+        ``reason`` starts with a ``ReleaseReason`` name ("failed", "shutdown"),
+        maybe followed by words; a lease released as failed is recorded so.
+        Releasing a lease that already ended changes nothing.
         """
-        state_after = "failed" if "FAIL" in reason.upper() else "released"
+        state_after = "failed" if reason.upper().startswith("FAIL") else "released"
         with self._store.write() as conn:
             state, _ = self._held_lease(conn, worker_id, lease_id)
             if state != "granted":
