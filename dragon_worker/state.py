@@ -173,16 +173,23 @@ class WorkerState:
         except FileNotFoundError:
             pass
         key = secrets.token_hex(32)
+        # Written whole under a private temporary name, then linked into place:
+        # link() fails if the key exists, so of several daemons starting at once
+        # exactly one key wins, and no reader ever sees a half-written file.
+        temp = self.root / f".{API_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        # O_EXCL with the mode at creation: the key is never readable by others.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            # O_EXCL: of two processes racing here exactly one creates the key;
-            # the mode is set at creation, so the key is never readable by others.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return self._read_key(path)
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(key + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(key + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                return self._read_key(path)
+        finally:
+            temp.unlink(missing_ok=True)
         fsync_dir(self.root)
         logger.info("created a new worker key in %s", path)
         return key
