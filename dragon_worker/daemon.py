@@ -464,11 +464,25 @@ class Worker:
         session.send(
             service_pb2.SessionRequest(lease_request=service_pb2.LeaseRequest())
         )
-        reply = self._wait_for(
-            session, ("lease_grant", "no_lease"), self.config.rpc_timeout_seconds
-        )
-        kind = reply.WhichOneof("kind")
-        if kind == "no_lease":
+        end = time.monotonic() + self.config.rpc_timeout_seconds
+        while True:
+            reply = self._wait_for(
+                session, ("lease_grant", "no_lease"), end - time.monotonic()
+            )
+            kind = reply.WhichOneof("kind")
+            if kind != "rejection" or not reply.rejection.lease_id:
+                break
+            # A late answer about an earlier lease (a heartbeat, say), not ours.
+            logger.debug("late rejection for lease %s", reply.rejection.lease_id)
+        if kind == "lease_grant" and self._done():
+            # A stop request came while the grant was on its way.
+            self._release(
+                session,
+                reply.lease_grant.lease_id,
+                service_pb2.RELEASE_REASON_SHUTDOWN,
+                "worker stopping",
+            )
+        elif kind == "no_lease":
             wait = _seconds(reply.no_lease.retry_after, 1.0)
             logger.info(
                 "no lease free (%s); asking again in %.1f s",
