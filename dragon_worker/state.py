@@ -240,10 +240,7 @@ class WorkerState:
         if not path.exists():
             return None
         try:
-            # loads() on the bytes rather than load_file(): a malformed file
-            # must come back as SafeFileError, and the memory map of load_file
-            # turns that into a BufferError on close.
-            tensors, metadata = safefile.loads(path.read_bytes())
+            tensors, metadata = safefile.load_file(path)
             version = int(metadata["model_version"])
             server = metadata["server"]
         except (safefile.SafeFileError, KeyError, ValueError, OSError) as exc:
