@@ -31,7 +31,7 @@ from dragon_server.run import LeaseGrant, TrainingRun, UpdateMeta
 from dragon_server.settings import RunConfig
 from forge.checkpoint import load_checkpoint, model_from_checkpoint
 from forge.codec import ValueDtype, encode_update
-from forge.train import TrainRecipe, train_lease
+from forge.train import train_lease
 
 
 @dataclass(frozen=True)
@@ -56,17 +56,7 @@ def _train_and_submit(
     checkpoint = load_checkpoint(run.version(grant.model_version).checkpoint_path)
     model = model_from_checkpoint(checkpoint)
     r = grant.recipe
-    recipe = TrainRecipe(
-        r.local_steps,
-        r.batch_size,
-        r.micro_batch_size,
-        r.learning_rate,
-        r.weight_decay,
-        r.beta1,
-        r.beta2,
-        r.grad_clip_norm,
-        r.seed,
-    )
+    recipe = r.train_recipe()
     tokens = torch.from_numpy(grant.tokens.astype("int64"))
     result = train_lease(model, tokens, recipe, device=torch.device("cpu"))
     encoded = encode_update(result.pseudo_gradient, residual, r.density, value_dtype)

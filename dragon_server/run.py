@@ -73,7 +73,7 @@ from forge.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from forge.codec import SparseUpdate, decode_update, max_frame_bytes
 from forge.config import ModelConfig
 from forge.model import state_layout
-from forge.train import evaluate
+from forge.train import TrainRecipe, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,20 @@ class Recipe:
     density: float
     value_dtype: ValueDtype
     seed: int
+
+    def train_recipe(self) -> TrainRecipe:
+        """The part of the recipe that local training reads."""
+        return TrainRecipe(
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            grad_clip_norm=self.grad_clip_norm,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import grpc
 from dragon.v1 import service_pb2, service_pb2_grpc, types_pb2
 
 from forge import pow as proof_of_work
+from forge import safefile
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class ServerClient:
                 f"bytes and {digest.sha256.hex()[:16]}"
             )
         os.replace(part_path, final_path)
-        _fsync_dir(final_path.parent)
+        safefile.fsync_dir(final_path.parent)
         logger.info(
             "downloaded checkpoint v%d (%d bytes, %d over the wire)",
             version,
@@ -255,14 +256,6 @@ def file_sha256(path: Path) -> bytes:
         while block := handle.read(4 * MIB):
             digest.update(block)
     return digest.digest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _EndOfStream:

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -102,30 +101,6 @@ class Residual:
     model_version: int
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves old or new, whole."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_progress(root: Path) -> Progress | None:
     """The progress record of a state folder, or None if none was written yet.
 
@@ -190,7 +165,7 @@ class WorkerState:
                 return self._read_key(path)
         finally:
             temp.unlink(missing_ok=True)
-        fsync_dir(self.root)
+        safefile.fsync_dir(self.root)
         logger.info("created a new worker key in %s", path)
         return key
 
@@ -214,7 +189,7 @@ class WorkerState:
             changes["updated_at"] = time.time()
             progress = dataclasses.replace(self._progress, **changes)  # type: ignore[arg-type]
             data = json.dumps(dataclasses.asdict(progress), indent=1, sort_keys=True)
-            write_atomic(self.root / PROGRESS_FILE, data.encode("utf-8"))
+            safefile.write_atomic(self.root / PROGRESS_FILE, data.encode("utf-8"))
             self._progress = progress
             return progress
 

@@ -41,7 +41,7 @@ from dragon_server.settings import RunConfig
 from forge import pow
 from forge.checkpoint import load_checkpoint, model_from_checkpoint
 from forge.codec import encode_update
-from forge.train import TrainRecipe, evaluate, train_lease
+from forge.train import evaluate, train_lease
 
 # --- helpers -----------------------------------------------------------------
 
@@ -477,17 +477,7 @@ def test_a_real_trained_update_lowers_the_validation_loss(
             load_checkpoint(run.latest_version().checkpoint_path)
         )
         r = grant.recipe
-        recipe = TrainRecipe(
-            r.local_steps,
-            r.batch_size,
-            r.micro_batch_size,
-            r.learning_rate,
-            r.weight_decay,
-            r.beta1,
-            r.beta2,
-            r.grad_clip_norm,
-            r.seed,
-        )
+        recipe = r.train_recipe()
         tokens = torch.from_numpy(grant.tokens.astype("int64"))
         result = train_lease(model, tokens, recipe, device=torch.device("cpu"))
         frame = encode_update(result.pseudo_gradient, None, r.density, "fp32").frame
