@@ -169,7 +169,7 @@ class Maintenance:
     async def step(self) -> None:
         expired = await asyncio.to_thread(self._run.expire_leases)
         if expired:
-            logger.info("%d lease(s) expired and went back to the queue", expired)
+            logger.debug("%d lease(s) expired and went back to the queue", expired)
         if self._run.draining or not await asyncio.to_thread(self._run.aggregation_due):
             return
         if self.stopping.is_set():  # the drain began while the check ran

@@ -329,7 +329,7 @@ class TrainingSession:
             self.run.release_lease, self.worker_id, release.lease_id, reason
         )
         self._uploads.pop(release.lease_id, None)
-        logger.info(
+        logger.debug(
             "lease %s released by %s (%s)", release.lease_id, self.worker_id, reason
         )
         return service_pb2.SessionResponse(
