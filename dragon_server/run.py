@@ -450,7 +450,11 @@ class TrainingRun:
     def grant_lease(self, worker_id: str) -> LeaseGrant | None:
         """Lease a free batch, or None when none is free; raises ``Draining``.
 
-        None also when the worker already holds ``max_leases_per_worker``.
+        A worker that asks while it holds ``max_leases_per_worker`` leases has
+        abandoned the oldest one (a daemon trains one lease at a time and uploads
+        it before asking again; a killed daemon forgets its lease): that one goes
+        back to the queue, so a restarted worker is never locked out and no
+        worker holds more than the cap.
 
         Train batches go round-robin: the free batch trained the fewest times
         first, so every batch is trained once before any is trained again.
@@ -466,8 +470,7 @@ class TrainingRun:
                 "SELECT 1 FROM workers WHERE id = ?", (worker_id,)
             ).fetchone():
                 raise WorkerNotFound(f"no worker {worker_id}")
-            if self._at_lease_cap(conn, worker_id):
-                return None
+            self._reclaim_over_cap(conn, worker_id, now)
             batch = conn.execute(
                 "SELECT id, first_sequence, count FROM batches AS b "
                 "WHERE split = 'train' AND NOT EXISTS (SELECT 1 FROM leases AS l "
@@ -502,19 +505,31 @@ class TrainingRun:
             heartbeat_interval_seconds=self.config.heartbeat_seconds,
         )
 
-    def _at_lease_cap(self, conn: sqlite3.Connection, worker_id: str) -> bool:
-        # One worker must not hoard the queue; a worker trains one lease at a
-        # time, so a few in hand already cover retries and restarts.
+    def _reclaim_over_cap(
+        self, conn: sqlite3.Connection, worker_id: str, now: float
+    ) -> None:
+        # One worker must not hoard the queue: below the cap it keeps what it
+        # holds; at the cap its oldest leases expire so that the new one fits.
         cap = self.config.max_leases_per_worker
         if cap == 0:
-            return False
-        held = conn.execute(
-            "SELECT COUNT(*) FROM leases WHERE worker_id = ? AND state = 'granted'",
-            (worker_id,),
-        ).fetchone()[0]
-        if held >= cap:
-            logger.info("worker %s already holds %d leases", worker_id, held)
-        return bool(held >= cap)
+            return
+        oldest = conn.execute(
+            "SELECT id FROM leases WHERE worker_id = ? AND state = 'granted' "
+            "ORDER BY granted_at DESC, rowid DESC LIMIT -1 OFFSET ?",
+            (worker_id, cap - 1),
+        ).fetchall()
+        for (lease_id,) in oldest:
+            conn.execute(
+                "UPDATE leases SET state = 'expired', ended_at = ? WHERE id = ?",
+                (now, lease_id),
+            )
+            logger.info(
+                "lease %s of worker %s went back to the queue: the worker asked "
+                "for another at its cap of %d",
+                lease_id,
+                worker_id,
+                cap,
+            )
 
     def _recipe(self, lease_id: str) -> Recipe:
         c = self.config

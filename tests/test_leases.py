@@ -237,10 +237,20 @@ def test_one_worker_cannot_hoard_the_queue(
         assert first is not None
         assert second is not None
 
-        assert run.grant_lease(alice) is None
+        # At the cap, asking again gives back the oldest lease: a restarted
+        # worker is not locked out, and it never holds more than the cap.
+        third = run.grant_lease(alice)
+        assert third is not None
+        held = run._store.query(
+            "SELECT id FROM leases WHERE worker_id = ? AND state = 'granted'",
+            (alice,),
+        )
+        assert sorted(row["id"] for row in held) == sorted(
+            [second.lease_id, third.lease_id]
+        )
         assert run.grant_lease(bob) is not None
-        run.release_lease(alice, first.lease_id, "SHUTDOWN")
-        assert run.grant_lease(alice) is not None
+        with pytest.raises(LeaseExpired):
+            run.heartbeat(alice, first.lease_id, 1, 8, 5.0)
     finally:
         run.close()
 
