@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -29,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dragon_server.auth import AuthInterceptor
-from dragon_server.errors import DragonError
+from dragon_server.errors import DragonError, ErrorKind
 from dragon_server.events import EventHub
 from dragon_server.run import TrainingRun, VersionRecord
 from dragon_server.servicers import (
@@ -59,15 +60,47 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # The server pings idle connections itself to notice vanished workers.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # gRPC lets several processes bind one port by default; a second server on
+    # the same address must fail instead of silently sharing the traffic.
+    ("grpc.so_reuseport", 0),
 ]
+LOCK_FILE = "serve.lock"
 DRAGON_SERVICES = tuple(
     service.full_name for service in service_pb2.DESCRIPTOR.services_by_name.values()
 )
 MAINTENANCE_SECONDS = 0.5  # how often leases are expired and aggregation checked
 
 
-class BindError(RuntimeError):
+class BindError(DragonError):
     """The server could not listen on the address asked for."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+class HomeBusyError(DragonError):
+    """Another ``dragon-server serve`` already serves this home."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+@contextlib.contextmanager
+def home_lock(home: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the home for as long as this process serves it.
+
+    Two servers on one home would both aggregate and publish the same version
+    number; the lock goes with the process, so a crash never leaves it behind.
+    """
+    handle = open(home / LOCK_FILE, "a+b")  # noqa: SIM115 -- held for the block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HomeBusyError(
+                f"another dragon-server serve is already serving {home}"
+            ) from None
+        yield
+    finally:
+        handle.close()
 
 
 @dataclass
@@ -108,9 +141,12 @@ async def start_dragon_server(run: TrainingRun, listen: str) -> RunningServer:
         (*DRAGON_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
 
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise BindError(f"could not listen on {listen}: {exc}") from exc
     if port == 0:
-        raise BindError(f"could not listen on {listen}")
+        raise BindError(f"could not listen on {listen} (is the port in use?)")
     await server.start()
     logger.info("listening on %s (port %d)", listen, port)
     return RunningServer(server, port, training, events, health_servicer)
@@ -207,8 +243,19 @@ async def serve(
     home: Path, listen: str | None = None, overrides: Mapping[str, object] | None = None
 ) -> None:
     """Serve the run in ``home`` until SIGTERM or SIGINT, then drain and return."""
+    with home_lock(home):
+        await _serve_locked(home, listen, overrides)
+
+
+async def _serve_locked(
+    home: Path, listen: str | None, overrides: Mapping[str, object] | None
+) -> None:
     run = await asyncio.to_thread(TrainingRun.open, home, overrides)
-    running = await start_dragon_server(run, listen or run.config.listen)
+    try:
+        running = await start_dragon_server(run, listen or run.config.listen)
+    except BaseException:
+        run.close()
+        raise
     maintenance = Maintenance(run, running.training)
     task = asyncio.create_task(maintenance.loop())
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from rpc_support import (
     delayed_serve,
     home_state,
     new_key,
+    program,
     valid_frame,
 )
 
@@ -205,3 +208,39 @@ def valid_frame_for(home: Path) -> bytes:
         return valid_frame(run)
     finally:
         run.close()
+
+
+def test_a_second_server_refuses_a_served_home_and_a_used_port(
+    server_home: Path, tmp_path: Path
+) -> None:
+    other_home = tmp_path / "other"
+    shutil.copytree(server_home, other_home)
+    with ServeProcess(server_home) as server:
+        versions_before = home_state(server_home)
+
+        same_home = subprocess.run(
+            [program("dragon-server"), "serve", "--home", str(server_home)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        same_port = subprocess.run(
+            [
+                *(program("dragon-server"), "serve", "--home", str(other_home)),
+                *("--listen", server.address),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+        assert same_home.returncode == 1
+        assert "another dragon-server serve is already serving" in same_home.stderr
+        assert same_port.returncode == 1
+        assert f"could not listen on {server.address}" in same_port.stderr
+        assert "Traceback" not in same_home.stderr + same_port.stderr
+        assert home_state(server_home) == versions_before
+        server.wait_healthy()
+        assert server.terminate() == 0
