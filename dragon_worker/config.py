@@ -56,6 +56,7 @@ class WorkerConfig:
             raise WorkerConfigError(
                 "no server given: pass --server HOST:PORT or set DRAGON_WORKER_SERVER"
             )
+        _check_server(self.server)
         _check_device(self.device)
         fraction = self.gpu_memory_fraction
         if fraction is not None and not 0.0 < fraction <= 1.0:
@@ -73,6 +74,14 @@ class WorkerConfig:
             )
         if self.rpc_timeout_seconds <= 0:
             raise WorkerConfigError("rpc_timeout_seconds must be positive")
+
+
+def _check_server(server: str) -> None:
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise WorkerConfigError(
+            f"server must be HOST:PORT (e.g. dragon.example.org:50051), not {server!r}"
+        )
 
 
 def _check_device(device: str) -> None:
@@ -115,14 +124,17 @@ def _parse(name: str, value: object, source: str) -> object:
     try:
         if target is Path:
             return Path(str(value)).expanduser()
-        if target is int and (isinstance(value, bool) or not str(value).isdigit()):
+        if target is int and (
+            isinstance(value, bool) or not str(value).lstrip("-").isdigit()
+        ):
             raise ValueError(value)
         if target is float and isinstance(value, bool):
             raise ValueError(value)
         return target(value)
     except (TypeError, ValueError):
+        kind = {int: "an integer", float: "a number"}.get(target, "a string")
         raise WorkerConfigError(
-            f"{source}: {name} must be a {target.__name__}, not {value!r}"
+            f"{source}: {name} must be {kind}, not {value!r}"
         ) from None
 
 

@@ -206,15 +206,31 @@ def test_config_every_source_for_a_different_field(tmp_path: Path) -> None:
         pytest.param({"density": 1.5}, {}, "density", id="density"),
         pytest.param({}, {"DRAGON_WORKER_MAX_LEASES": "many"}, "max_leases", id="env"),
         pytest.param({"gpu_memory_fraction": 0.0}, {}, "gpu_memory", id="fraction"),
+        pytest.param(
+            {},
+            {"DRAGON_WORKER_MAX_BATCH_SIZE": "-1"},
+            "max_batch_size must be at least 1",
+            id="negative-env",
+        ),
+        pytest.param(
+            {},
+            {"DRAGON_WORKER_MAX_LEASES": "2.5"},
+            "max_leases must be an integer, not '2.5'",
+            id="not-an-integer",
+        ),
+        pytest.param(
+            {"server": "notahostport"}, {}, "server must be HOST:PORT", id="no-port"
+        ),
+        pytest.param(
+            {"server": "host:99999"}, {}, "server must be HOST:PORT", id="bad-port"
+        ),
     ],
 )
 def test_config_mistakes_name_the_setting(
     tmp_path: Path, options: dict[str, object], environ: dict[str, str], message: str
 ) -> None:
     environ = {"DRAGON_WORKER_STATE_DIR": str(tmp_path), **environ}
-    if "device" in options or "density" in options or "gpu_memory_fraction" in options:
-        options = {"server": "h:1", **options}
-    if "DRAGON_WORKER_MAX_LEASES" in environ:
+    if options or len(environ) > 1:
         options = {"server": "h:1", **options}
     with pytest.raises(WorkerConfigError, match=message):
         resolve_config(options, environ)
