@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dragon_server import __version__
@@ -307,7 +308,7 @@ def stats(home: Path, as_json: bool, top: int) -> None:
     for row in leaders:
         board_table.add_row(
             str(row["worker_id"])[:12],
-            str(row["worker_name"]),
+            escape(str(row["worker_name"])),
             str(row["accepted_updates"]),
             f"{row['tokens']:,}",
             f"{row['reputation']:.2f}",

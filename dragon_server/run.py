@@ -329,7 +329,9 @@ class TrainingRun:
             raise InvalidKey("the API key must be 64 lowercase hex characters")
         digest = pow.key_hash(api_key)
         worker_id = _worker_id(digest)
-        name = worker_name.strip()[:MAX_NAME_CHARS] or worker_id
+        # Names end up on operators' terminals: keep printable characters only.
+        printable = "".join(ch for ch in worker_name if ch.isprintable())
+        name = printable.strip()[:MAX_NAME_CHARS] or worker_id
         now = time.time()
         with self._store.write() as conn:
             if conn.execute(

@@ -136,3 +136,14 @@ def test_a_registered_key_authenticates(client: Client) -> None:
     )
     assert stats.worker.worker_id == worker_id
     assert stats.worker.worker_name == "carol"
+
+
+def test_worker_names_keep_printable_characters_only(client: Client) -> None:
+    key = new_key()
+    client.register(key, "\x1b[31mred\x1b[0m\tname\x07")
+
+    stats = client.stats.GetWorkerStats(
+        service_pb2.GetWorkerStatsRequest(), metadata=bearer(key), timeout=5
+    )
+
+    assert stats.worker.worker_name == "[31mred[0mname"
