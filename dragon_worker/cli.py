@@ -267,6 +267,14 @@ def systemd_unit(install: bool, path: Path) -> None:
         Path(sys.executable).with_name("dragon-worker")
     )
     text = text.replace("/usr/local/bin/dragon-worker", executable)
+    hidden = _hidden_from_the_service(Path(executable))
+    if hidden:
+        click.echo(
+            f"warning: {executable} is under {hidden}, which the service cannot "
+            "see (PrivateTmp, ProtectHome, DynamicUser): install DRAGON system-wide, "
+            "e.g. in /opt/dragon-worker/venv, before enabling the unit",
+            err=True,
+        )
     if not install:
         click.echo(text, nl=False)
         return
@@ -281,3 +289,12 @@ def systemd_unit(install: bool, path: Path) -> None:
         f"wrote {path}; now: systemctl daemon-reload && systemctl enable --now "
         f"{UNIT_NAME}"
     )
+
+
+def _hidden_from_the_service(executable: Path) -> str | None:
+    """The folder of ``executable`` that the unit's sandbox hides, if any."""
+    resolved = executable.resolve()
+    for folder in ("/tmp", "/var/tmp", "/home", "/root", "/run/user"):
+        if resolved.is_relative_to(folder):
+            return folder
+    return None

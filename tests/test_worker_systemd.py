@@ -94,3 +94,21 @@ def test_systemd_analyze_catches_a_broken_unit(tmp_path: Path) -> None:
     )
 
     assert "restart specifier" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("executable", "hidden"),
+    [
+        pytest.param("/tmp/venv/bin/dragon-worker", "/tmp", id="tmp"),
+        pytest.param("/home/ada/.local/bin/dragon-worker", "/home", id="home"),
+        pytest.param("/root/venv/bin/dragon-worker", "/root", id="root"),
+        pytest.param("/opt/dragon/bin/dragon-worker", None, id="opt"),
+        pytest.param("/usr/local/bin/dragon-worker", None, id="usr-local"),
+    ],
+)
+def test_an_install_the_sandbox_hides_is_named(
+    executable: str, hidden: str | None
+) -> None:
+    from dragon_worker.cli import _hidden_from_the_service
+
+    assert _hidden_from_the_service(Path(executable)) == hidden
