@@ -361,6 +361,7 @@ def run_demo(options: DemoOptions, console: Console) -> Progress:
                 codes = _stop(workers, timeout=180.0)
                 progress = monitor.refresh()
                 live.update(render(progress, options))
+            console.print()
             checkpoint = load_checkpoint(monitor.download_latest())
         finally:
             monitor.close()
