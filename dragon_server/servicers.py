@@ -209,7 +209,17 @@ class ModelServicer(service_pb2_grpc.ModelServiceServicer):
 
         # TODO: serve deltas from base_version once checkpoints keeps them; until
         # then every download is the whole file, as the contract allows.
-        with record.checkpoint_path.open("rb", buffering=0) as source:
+        try:
+            source = record.checkpoint_path.open("rb", buffering=0)
+        except OSError as exc:
+            logger.error(
+                "checkpoint of version %d is unreadable: %s", record.version, exc
+            )
+            await context.abort(
+                grpc.StatusCode.DATA_LOSS,
+                f"the checkpoint of version {record.version} is missing on the server",
+            )
+        with source:
             identity = FileIdentity.of(os.fstat(source.fileno()))
             if not await asyncio.to_thread(self._files.check, record, identity):
                 logger.error("checkpoint of version %d changed on disk", record.version)

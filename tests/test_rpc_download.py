@@ -150,3 +150,17 @@ def test_hand_encoded_chunks_parse_as_protobuf(offset: int, size: int) -> None:
     assert parsed.WhichOneof("part") == "chunk"
     assert parsed.chunk.offset_bytes == offset
     assert parsed.chunk.data == data
+
+
+def test_a_checkpoint_missing_on_disk_is_data_loss(
+    worker: tuple[Client, str], rpc_server: ServerThread
+) -> None:
+    client, key = worker
+    path = rpc_server.run.latest_version().checkpoint_path
+    path.rename(path.with_suffix(".moved"))
+
+    with pytest.raises(grpc.RpcError) as refused:
+        list(download(client, key))
+
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "missing on the server" in str(refused.value.details())
