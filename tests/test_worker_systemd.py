@@ -42,7 +42,7 @@ def test_unit_runs_a_dedicated_user_with_state_and_hardening() -> None:
 def test_systemd_unit_command_points_at_this_installation(tmp_path: Path) -> None:
     printed = CliRunner().invoke(main, ["systemd-unit"])
     assert printed.exit_code == 0
-    exec_start = _directives(printed.output)["ExecStart"][0]
+    exec_start = _directives(printed.stdout)["ExecStart"][0]
     executable = exec_start.split()[0]
     assert Path(executable).is_file()
     assert Path(executable).name == "dragon-worker"
@@ -52,7 +52,7 @@ def test_systemd_unit_command_points_at_this_installation(tmp_path: Path) -> Non
         main, ["systemd-unit", "--install", "--path", str(target)]
     )
     assert installed.exit_code == 0, installed.output
-    assert target.read_text() == printed.output
+    assert target.read_text() == printed.stdout
 
 
 @pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
