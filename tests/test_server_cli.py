@@ -103,7 +103,7 @@ def test_versions_and_stats_read_a_home(server_home: Path) -> None:
         main, ["versions", "--home", str(server_home), "--json"]
     )
     assert listed.exit_code == 0, listed.output
-    rows = json.loads(listed.output)
+    rows = json.loads(listed.stdout)
     assert [row["version"] for row in rows] == [0]
     checkpoint = next((server_home / "checkpoints").glob("v000000.*"))
     assert rows[0]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -115,7 +115,7 @@ def test_versions_and_stats_read_a_home(server_home: Path) -> None:
 
     stats = CliRunner().invoke(main, ["stats", "--home", str(server_home), "--json"])
     assert stats.exit_code == 0, stats.output
-    figures = json.loads(stats.output)
+    figures = json.loads(stats.stdout)
     assert figures["network"]["latest_version"] == 0
     assert figures["network"]["workers"] == 0
     assert figures["leaderboard"] == []

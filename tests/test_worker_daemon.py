@@ -75,6 +75,9 @@ class InProcessServer:
         if self.loop.is_closed():
             return
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        # Let the sessions record their end before the loop goes away.
+        closed = self.running.training.wait_closed()
+        asyncio.run_coroutine_threadsafe(closed, self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
         self.loop.close()

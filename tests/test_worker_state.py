@@ -294,7 +294,7 @@ def test_status_reads_a_stopped_worker(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = dict(
-        re.split(r"\s{2,}", line, maxsplit=1) for line in result.output.splitlines()
+        re.split(r"\s{2,}", line, maxsplit=1) for line in result.stdout.splitlines()
     )
     assert lines["state"].strip() == "stopped"
     assert lines["model version"].strip() == "4"
@@ -304,7 +304,7 @@ def test_status_reads_a_stopped_worker(tmp_path: Path) -> None:
 
     raw = CliRunner().invoke(main, ["status", "--state-dir", str(tmp_path), "--json"])
     assert raw.exit_code == 0
-    assert json.loads(raw.output)["leases_done"] == 3
+    assert json.loads(raw.stdout)["leases_done"] == 3
 
 
 def test_status_shows_the_current_lease_of_a_live_worker(tmp_path: Path) -> None:
