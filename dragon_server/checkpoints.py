@@ -9,7 +9,6 @@ what a crash left behind.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -77,14 +76,6 @@ def load_optimizer_state(path: Path | None) -> dict[str, torch.Tensor]:
         return {}
     tensors, _ = safefile.load_file(path)
     return tensors
-
-
-def file_sha256(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.digest()
 
 
 def recover(home: Path, published: Iterable[int]) -> list[Path]:

@@ -8,7 +8,6 @@ become status codes in ``rpc_errors``; nothing here speaks SQL or does tensor ma
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from dragon_server.session import (
     duration,
     version_info,
 )
+from forge import safefile
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,8 @@ class CheckpointFiles:
         with self._lock:
             if self._verified.get(path) == identity:
                 return True
-        digest = hashlib.sha256()
-        with path.open("rb") as source:
-            while block := source.read(8 * CHUNK_BYTES):
-                digest.update(block)
-        if digest.digest() != record.sha256 or identity.size != record.size_bytes:
+        digest = safefile.file_sha256(path)
+        if digest != record.sha256 or identity.size != record.size_bytes:
             return False
         with self._lock:
             self._verified[path] = identity

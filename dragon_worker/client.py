@@ -12,7 +12,6 @@ original kept as ``__cause__``::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -189,7 +188,7 @@ class ServerClient:
             raise translate(exc, f"DownloadCheckpoint v{version}") from exc
 
         size = part_path.stat().st_size
-        actual = file_sha256(part_path)
+        actual = safefile.file_sha256(part_path)
         if size != digest.size_bytes or actual != digest.sha256:
             # A corrupt prefix would poison every resume: start over next time.
             part_path.unlink(missing_ok=True)
@@ -248,14 +247,6 @@ class ServerClient:
 
     def open_session(self) -> SessionStream:
         return SessionStream(self._training, self._metadata)
-
-
-def file_sha256(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(4 * MIB):
-            digest.update(block)
-    return digest.digest()
 
 
 class _EndOfStream:

@@ -41,17 +41,17 @@ from dragon_worker.backoff import Backoff
 from dragon_worker.client import (
     MIB,
     AuthenticationError,
+    Download,
     DownloadError,
     RequestRefusedError,
     ServerClient,
     ServerUnavailableError,
     SessionStream,
-    file_sha256,
 )
 from dragon_worker.config import WorkerConfig
 from dragon_worker.resources import describe_hardware, limit_gpu_memory, select_device
 from dragon_worker.state import Activity, WorkerState
-from forge import codec
+from forge import codec, safefile
 from forge.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from forge.model import HRMSMoE
 from forge.train import TrainingStopped, TrainRecipe, TrainResult, train_lease
@@ -163,10 +163,6 @@ def update_density(recipe: types_pb2.Recipe, cap: float | None) -> float:
     """The density to encode with: the recipe's, lowered by ``--density``."""
     candidates = [d for d in (recipe.density, cap) if d is not None and d > 0]
     return min(candidates) if candidates else DEFAULT_DENSITY
-
-
-def is_finite_update(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 def _seconds(duration: duration_pb2.Duration, default: float) -> float:
@@ -513,14 +509,14 @@ class Worker:
         not match it is dropped and fetched again.
         """
         path = self.state.checkpoint_path(version)
-        if path.exists() and sha256 and file_sha256(path) != sha256:
+        if path.exists() and sha256 and safefile.file_sha256(path) != sha256:
             logger.warning(
                 "cached checkpoint v%d is corrupt; fetching it again", version
             )
             path.unlink()
         if not path.exists():
-            self._download(client, version)
-            if sha256 and file_sha256(path) != sha256:
+            download = self._download(client, version)
+            if sha256 and download.sha256 != sha256:
                 path.unlink()
                 raise DownloadError(f"v{version} does not match its published digest")
         self._held_version = version
@@ -530,7 +526,7 @@ class Worker:
             keep.add(self._latest_version)
         self.state.prune_checkpoints(keep)
 
-    def _download(self, client: ServerClient, version: int) -> None:
+    def _download(self, client: ServerClient, version: int) -> Download:
         self._set_activity(Activity.DOWNLOADING)
         path = self.state.checkpoint_path(version)
         part = self.state.part_path(version)
@@ -542,7 +538,7 @@ class Worker:
 
         try:
             try:
-                client.download_checkpoint(version, path, part, count)
+                return client.download_checkpoint(version, path, part, count)
             except RequestRefusedError:
                 if not part.exists():
                     raise
@@ -551,7 +547,7 @@ class Worker:
                     "server refused the resume of v%d; starting over", version
                 )
                 part.unlink()
-                client.download_checkpoint(version, path, part, count)
+                return client.download_checkpoint(version, path, part, count)
         finally:
             self.state.add(bytes_down=received)
 
@@ -619,14 +615,9 @@ class Worker:
         self, session: SessionStream, lease: types_pb2.Lease, result: TrainResult
     ) -> LeaseOutcome:
         """Upload a trained lease, or give it back when it must not be sent."""
+        # A non-finite pseudo-gradient never gets here: train_lease raises
+        # NonFiniteResult for it, and that lease is released as failed.
         lease_id = lease.lease_id
-        if not is_finite_update(result.pseudo_gradient):
-            return self._release(
-                session,
-                lease_id,
-                service_pb2.RELEASE_REASON_FAILED,
-                "training produced a non-finite update",
-            )
         if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
             return self._release(
                 session,

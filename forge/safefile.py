@@ -199,6 +199,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def file_sha256(path: Path | str) -> bytes:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.digest()
+
+
 def dump_file(
     path: Path | str,
     tensors: Mapping[str, torch.Tensor],
