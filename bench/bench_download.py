@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import multiprocessing
 import os
 import socket
@@ -33,6 +32,7 @@ from dragon.v1 import service_pb2, service_pb2_grpc
 from dragon_server.run import VersionRecord
 from dragon_server.server import MAX_MESSAGE_BYTES, SERVER_OPTIONS
 from dragon_server.servicers import CHUNK_BYTES, ModelServicer, add_model_servicer
+from forge import safefile
 
 CLIENT_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
@@ -82,7 +82,7 @@ async def plain_download(
 async def run_grpc(path: Path, ports: Queue[int], ours: bool) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     if ours:
-        sha256 = hashlib.sha256(path.read_bytes()).digest()
+        sha256 = safefile.file_sha256(path)
         add_model_servicer(ModelServicer(FileVersions(path, sha256)), server)
     else:
 

@@ -127,6 +127,10 @@ class WorkerState:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._lock = threading.Lock()
+        # The residual as last saved or loaded: only this process writes the
+        # file, so it is read from disk once, not for every lease.
+        self._residual: Residual | None = None
+        self._residual_read = False
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.checkpoint_dir.mkdir(mode=0o700, exist_ok=True)
@@ -208,9 +212,17 @@ class WorkerState:
         """Persist the residual with the server and version it belongs to."""
         metadata = {"server": server, "model_version": str(model_version)}
         safefile.dump_file(self.root / RESIDUAL_FILE, tensors, metadata)
+        self._residual = Residual(dict(tensors), server, model_version)
+        self._residual_read = True
 
     def load_residual(self) -> Residual | None:
         """The saved residual, or None when there is none or it is unreadable."""
+        if not self._residual_read:
+            self._residual = self._read_residual()
+            self._residual_read = True
+        return self._residual
+
+    def _read_residual(self) -> Residual | None:
         path = self.root / RESIDUAL_FILE
         if not path.exists():
             return None
@@ -223,9 +235,6 @@ class WorkerState:
             logger.warning("ignoring unreadable residual %s: %s", path, exc)
             return None
         return Residual(tensors=tensors, server=server, model_version=version)
-
-    def drop_residual(self) -> None:
-        (self.root / RESIDUAL_FILE).unlink(missing_ok=True)
 
     # -- cached checkpoints ----------------------------------------------------
 

@@ -61,9 +61,10 @@ class TensorInfo:
     end: int
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    # A view of the tensor's bytes: the final join is the only copy.
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
+    return flat.view(torch.uint8).numpy().data
 
 
 def dumps(
@@ -73,7 +74,7 @@ def dumps(
     header: dict[str, Any] = {}
     if metadata:
         header[METADATA_KEY] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    blobs: list[bytes] = []
+    blobs: list[memoryview] = []
     offset = 0
     for name in sorted(tensors):
         tensor = tensors[name]

@@ -36,16 +36,18 @@ def generate(
     ids = tokenizer.encode(prompt) or [tokenizer.EOS_ID]
     window = model.config.max_seq_len
     new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-window:]], dtype=torch.long, device=device)
-        logits = model(context).logits[0, -1].float() / temperature  # [V]
-        if 0 < top_k < logits.numel():
-            floor = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < floor, float("-inf"))
-        token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-        if token == tokenizer.EOS_ID:
-            break
-        ids.append(token)
-        new.append(token)
-    model.train(was_training)
+    try:
+        for _ in range(max_new_tokens):
+            context = torch.tensor([ids[-window:]], dtype=torch.long, device=device)
+            logits = model(context).logits[0, -1].float() / temperature  # [V]
+            if 0 < top_k < logits.numel():
+                floor = torch.topk(logits, top_k).values[-1]
+                logits = logits.masked_fill(logits < floor, float("-inf"))
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            if token == tokenizer.EOS_ID:
+                break
+            ids.append(token)
+            new.append(token)
+    finally:
+        model.train(was_training)
     return tokenizer.decode(new)
