@@ -69,9 +69,7 @@ def weighted_mean(updates: Iterable[WeightedUpdate], spec: Spec) -> dict[str, Te
     count = 0
     for item in updates:
         count += 1
-        if item.weight < 0 or not math.isfinite(item.weight):
-            raise AggregationRefused(f"update weight {item.weight} is not usable")
-        if item.weight > 0:
+        if _usable_weight(item.weight) > 0:
             accumulate(item.update, combined, item.weight)
             total += item.weight
     if not total > 0 or not math.isfinite(total):

@@ -63,24 +63,6 @@ class BatchRange:
     split: str  # "train" or "validation"
 
 
-@dataclass(frozen=True)
-class IngestSummary:
-    """What an ingestion produced."""
-
-    documents: int
-    tokens: int  # ids written to the token file (whole rows only)
-    sequences: int
-    batches: list[BatchRange]
-
-    @property
-    def train_batches(self) -> int:
-        return sum(1 for batch in self.batches if batch.split == "train")
-
-    @property
-    def validation_sequences(self) -> int:
-        return sum(b.count for b in self.batches if b.split == "validation")
-
-
 def default_sources() -> list[Path]:
     """The standard library folder of the running interpreter."""
     return [Path(sysconfig.get_paths()["stdlib"])]
